@@ -1,0 +1,28 @@
+"""Domain errors. Each carries a message written for the user: what was wrong and what to do.
+
+The UI shows ``str(err)`` as is; the CLI prints it and exits with status 2. Tracebacks go to the log only.
+"""
+
+
+class QuantScopeError(Exception):
+    """Base class: the message is user-facing."""
+
+
+class InputError(QuantScopeError, ValueError):
+    """A number or option the user gave is out of range or unknown."""
+
+
+class ConfigError(QuantScopeError):
+    """A config.json is missing fields, malformed, or of an unsupported architecture."""
+
+
+class ModelNotFoundError(QuantScopeError):
+    """The model reference names no preset, local file or Hub repository."""
+
+
+class GatedModelError(QuantScopeError):
+    """The Hub repository exists but needs accepted terms and a token."""
+
+
+class OfflineError(QuantScopeError):
+    """The Hub cannot be reached (offline mode or no network)."""

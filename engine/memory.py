@@ -1,0 +1,215 @@
+"""The memory calculator: pure functions from (ModelSpec, QuantSpec, RuntimeSpec, TrainingSpec) to bytes.
+
+Terms of the total, each an integer number of bytes:
+
+* ``weights``     -- every byte the loaded weights hold (:mod:`engine.formats`), measured-exact;
+* ``kv_cache``    -- 2 (K and V) x batch x layers x kv_heads x head_dim x cached tokens x bytes/element,
+  grouped-query aware, sliding-window layers capped at ``window - 1`` tokens as transformers 5's
+  ``DynamicSlidingWindowLayer`` keeps them; exact against a real cache after a forward pass;
+* ``activations`` -- the transient peak of one prefill (or, when training, what backward keeps): an
+  estimate from the shapes, documented in :func:`activation_bytes`;
+* ``overhead``    -- fixed runtime cost (CUDA context and allocator, or the Python + PyTorch process on
+  CPU): a documented default per device, tunable through ``RuntimeSpec.overhead_bytes``;
+* ``gradients`` / ``optimizer`` -- training only.
+"""
+from __future__ import annotations
+
+import math
+
+from .errors import InputError
+from .formats import dtype_bytes, parse_method, weights_bytes
+from .specs import MemoryEstimate, ModelSpec, QuantSpec, RuntimeSpec, TrainingSpec
+
+MiB = 2**20
+GiB = 2**30
+
+# Fixed runtime overhead per device (defaults; RuntimeSpec.overhead_bytes overrides).
+# cuda: the CUDA context with PyTorch's kernels loaded lazily plus cuBLAS workspace, ~500 MiB on recent
+#       drivers (bench/gpu_validate.py measures it with NVML on an H100).
+# cpu:  resident memory of a Python process that has imported torch + transformers (~400 MiB here).
+# mps:  the Metal runtime inside the same process.
+OVERHEAD_BYTES = {"cuda": 512 * MiB, "cpu": 400 * MiB, "mps": 256 * MiB}
+
+# Bytes per cached K/V element. q8_0 / q4_0 are llama.cpp's block types (34 and 18 bytes per 32 values).
+KV_BYTES = {"fp32": (4, 1), "fp16": (2, 1), "bf16": (2, 1), "fp8": (1, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
+
+MAX_CONTEXT = 10_000_000
+MAX_BATCH = 100_000
+
+
+def _check_positive(name: str, v, limit: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        raise InputError(f"{name} must be a whole number, got {v!r}.")
+    if v != int(v) or v < 1:
+        raise InputError(f"{name} must be a whole number of at least 1, got {v!r}.")
+    if v > limit:
+        raise InputError(f"{name} {int(v):,} is larger than the calculator accepts ({limit:,}).")
+    return int(v)
+
+
+def kv_elem(kv_dtype: str, q: QuantSpec) -> tuple[int, int]:
+    """(bytes, per elements) of one cached value."""
+    if kv_dtype == "auto":
+        return (4, 1) if q.method == "fp32" else (2, 1)
+    try:
+        return KV_BYTES[kv_dtype]
+    except KeyError:
+        raise InputError(f"Unknown KV-cache dtype '{kv_dtype}'. Choose auto, {', '.join(KV_BYTES)}.") from None
+
+
+def kv_cache_bytes(model: ModelSpec, context: int, batch: int, kv_dtype: str, q: QuantSpec) -> int:
+    """Bytes of the K and V caches holding ``context`` tokens for ``batch`` sequences.
+
+    >>> from engine.architectures import build_model_spec
+    >>> m = build_model_spec({"model_type": "llama", "vocab_size": 10, "hidden_size": 64,
+    ...     "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    >>> kv_cache_bytes(m, 100, 1, "fp16", parse_method("fp16"))  # 2 * 2 layers * 2 heads * 16 dims * 100 * 2 B
+    25600
+    """
+    num, per = kv_elem(kv_dtype, q)
+    row = model.num_kv_heads * model.head_dim
+    total = 0
+    for layer in range(model.num_layers):
+        w = model.window(layer)
+        tokens = min(context, w - 1) if w else context
+        total += 2 * batch * tokens * math.ceil(row * num / per)
+    return total
+
+
+def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, training: TrainingSpec) -> int:
+    """Estimated activation memory (an estimate from the shapes, not a measurement).
+
+    Inference: the transient peak of prefilling ``context`` tokens with SDPA attention (no s^2 score
+    matrix): the residual stream and its normed copy (2H) plus the larger of the attention projections
+    (q, k, v and the attention output) and the MLP intermediates (gate, up and their product: 3I, times
+    top-k for MoE), in the compute dtype; plus the last position's logits in the compute dtype and fp32
+    (``generate`` computes logits for the last token only); plus one dequantized weight for
+    bitsandbytes/HQQ, which materialise a 16-bit copy of the layer they multiply during prefill.
+
+    Training: what backward keeps. Per layer (Korthikanti et al. 2022 counted for a SwiGLU block):
+    inputs of both norms, their outputs, q/k/v, attention output and the four MLP intermediates, in 16-bit:
+    ``b*s*(6H + q + 2kv + 4I*k) * 2`` bytes; with gradient checkpointing only each layer's input is kept
+    plus one layer recomputed. Plus the full logits in 16-bit, their fp32 copy for the loss and its gradient.
+    """
+    cb = 2 if q.method != "fp32" else 4
+    H, I = model.hidden_size, model.intermediate_size
+    k = model.experts_per_token or 1
+    q_out = model.num_heads * model.head_dim
+    kv_out = model.num_kv_heads * model.head_dim
+    bs = batch * context
+    if training.mode == "inference":
+        attn = q_out + 2 * kv_out + q_out
+        mlp = 3 * I * k
+        peak = bs * (2 * H + max(attn, mlp)) * cb + batch * model.vocab_size * (cb + 4)
+        if q.method in ("bnb4", "int8", "hqq"):
+            largest = max((t.numel for t in model.tensors if t.linear and t.layer is not None), default=0)
+            peak += largest * cb
+        return peak
+    per_layer = bs * (6 * H + q_out + 2 * kv_out + 4 * I * k) * 2
+    if training.gradient_checkpointing:
+        stored = model.num_layers * bs * H * 2 + per_layer
+    else:
+        stored = model.num_layers * per_layer
+    logits = bs * model.vocab_size * (2 + 4 + 4)
+    return stored + logits
+
+
+def lora_trainable_params(model: ModelSpec, rank: int, targets: tuple[str, ...]) -> int:
+    """Exact LoRA parameter count: r x (in + out) for each targeted nn.Linear (peft's A and B matrices)."""
+    total = 0
+    matched = set()
+    for t in model.tensors:
+        if not (t.linear and t.name.endswith(".weight")):
+            continue
+        leaf = t.module.rsplit(".", 1)[-1]
+        if leaf in targets:
+            matched.add(leaf)
+            total += rank * (t.shape[0] + t.shape[1])
+    missing = [x for x in targets if x not in matched]
+    if missing:
+        names = sorted({t.module.rsplit(".", 1)[-1] for t in model.tensors if t.linear})
+        raise InputError(f"LoRA target module(s) {', '.join(missing)} do not exist in {model.name}. "
+                         f"Its linear modules are: {', '.join(names)}.")
+    return total
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+
+
+def _optimizer_bytes_per_param(optimizer: str, state_bytes: int) -> float:
+    if optimizer == "adamw":
+        return 2 * state_bytes  # exp_avg and exp_avg_sq, in the parameter's dtype
+    if optimizer == "adamw8bit":
+        return 2 * (1 + 4 / 256)  # bitsandbytes blockwise 8-bit states, one fp32 absmax per 256 values each
+    if optimizer == "sgd":
+        return state_bytes  # momentum buffer
+    raise InputError(f"Unknown optimizer '{optimizer}'. Choose {', '.join(OPTIMIZERS)}.")
+
+
+def estimate(model: ModelSpec, quant: QuantSpec, runtime: RuntimeSpec = RuntimeSpec(),
+             training: TrainingSpec = TrainingSpec()) -> MemoryEstimate:
+    """Estimate the memory of running (or training) ``model`` stored as ``quant``.
+
+    Weights and KV cache are exact byte counts; activations and overhead are documented estimates.
+    """
+    context = _check_positive("Context length", runtime.context, MAX_CONTEXT)
+    batch = _check_positive("Batch size", runtime.batch, MAX_BATCH)
+    if runtime.device not in OVERHEAD_BYTES:
+        raise InputError(f"Unknown device '{runtime.device}'. Choose {', '.join(OVERHEAD_BYTES)}.")
+    if runtime.overhead_bytes is not None and (not isinstance(runtime.overhead_bytes, int) or runtime.overhead_bytes < 0):
+        raise InputError("Overhead must be a whole number of bytes, 0 or more.")
+    notes: list[str] = []
+    mode = training.mode
+    if mode not in ("inference", "lora", "qlora", "full"):
+        raise InputError(f"Unknown mode '{mode}'. Choose inference, lora, qlora or full.")
+    if mode == "qlora" and quant.method != "bnb4":
+        quant = parse_method("nf4", double_quant=True, dtype=quant.dtype if quant.dtype != "fp32" else "bf16")
+        notes.append("QLoRA trains adapters on a bitsandbytes 4-bit base: estimated with NF4 + double quant.")
+    if mode in ("lora", "full") and quant.method not in ("fp32", "fp16", "bf16"):
+        raise InputError(f"{mode} fine-tuning needs a 16- or 32-bit base model; for a {quant.name} base use "
+                         "mode qlora (bitsandbytes 4-bit) instead.")
+    if mode == "full" and training.precision not in ("mixed", "bf16", "fp32"):
+        raise InputError("Precision must be mixed, bf16 or fp32.")
+
+    w_bytes, by_role, quantized = weights_bytes(quant, model)
+    kv = kv_cache_bytes(model, context, batch, runtime.kv_dtype, quant) if mode == "inference" else 0
+    act = activation_bytes(model, quant, context, batch, training)
+    overhead = runtime.overhead_bytes if runtime.overhead_bytes is not None else OVERHEAD_BYTES[runtime.device]
+    grads = opt = trainable = 0
+    if mode == "full":
+        trainable = model.params
+        if training.precision in ("mixed", "fp32"):
+            # fp32 master weights (AMP keeps parameters in fp32 and casts per op), fp32 gradients.
+            w_bytes = model.params * 4
+            by_role = {r: n * 4 for r, n in model.params_by_role().items()}
+            grads = model.params * 4
+            state = 4
+        else:
+            w_bytes = model.params * 2
+            by_role = {r: n * 2 for r, n in model.params_by_role().items()}
+            grads = model.params * 2
+            state = 2
+        opt = math.ceil(trainable * _optimizer_bytes_per_param(training.optimizer, state))
+    elif mode in ("lora", "qlora"):
+        rank = _check_positive("LoRA rank", training.lora_rank, 4096)
+        trainable = lora_trainable_params(model, rank, tuple(training.lora_targets))
+        # peft keeps adapter weights in fp32 (autocast_adapter_dtype=True): weights, grads and states fp32.
+        lora_w = trainable * 4
+        w_bytes += lora_w
+        by_role["lora"] = lora_w
+        grads = trainable * 4
+        opt = math.ceil(trainable * _optimizer_bytes_per_param(training.optimizer, 4))
+    if model.approximate:
+        notes.append(model.note or "Approximate: the shape is not known exactly.")
+    return MemoryEstimate(
+        model=model.name, method=quant.name, params=model.params, active_params=model.active_params,
+        weights_bytes=w_bytes, weights_by_role=by_role, quantized_params=quantized,
+        kv_cache_bytes=kv, activations_bytes=act, overhead_bytes=overhead,
+        gradients_bytes=grads, optimizer_bytes=opt, trainable_params=trainable,
+        approximate=model.approximate, notes=notes,
+    )
+
+
+def naive_bytes(params: int, bits: int) -> int:
+    """The textbook estimate params x bits / 8 (what most calculators show)."""
+    return params * bits // 8

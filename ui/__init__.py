@@ -1,0 +1,1 @@
+"""Gradio tabs. Each module has build(services) and plain module-level handlers."""
