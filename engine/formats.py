@@ -174,6 +174,10 @@ def tensor_bytes(q: QuantSpec, t: TensorSpec, model: ModelSpec) -> int:
     if q.method == "bnb4":
         return _bnb4_bytes(n, q.double_quant)
     if q.method == "hqq":
+        if n % q.group_size:
+            # hqq 0.2.8 Quantizer.quantize asserts numel % group_size == 0 (pinned in tests/test_memory_real.py).
+            raise InputError(f"HQQ cannot quantize {t.name} ({n:,} values) with group size {q.group_size}: "
+                             "the size must be a multiple of the group size. Pick a group size that divides it.")
         return _hqq_bytes(n, q.bits, q.group_size, dtype_bytes(q.dtype))
     if q.method == "gptq":
         return mats * _gptq_bytes(out_f, in_f, q.bits, q.group_size)

@@ -88,6 +88,7 @@ def test_cli_options_change_the_answer():
     (["embedded", "--hardware", "gtx-9999"], "Unknown hardware"),
     (["embedded", "--mode", "lora", "--method", "nf4"], "qlora"),
     (["0.5"], "too small"),
+    (["embedded", "--method", "hqq4", "--group-size", "100"], "multiple of the group size"),
 ])
 def test_cli_bad_input_is_a_clear_message(args, needle):
     r = cli("estimate", *args, "--json")
