@@ -186,8 +186,28 @@ def tensor_bytes(q: QuantSpec, t: TensorSpec, model: ModelSpec) -> int:
     raise AssertionError(q.method)
 
 
+_WEIGHTS_CACHE: dict[tuple[int, QuantSpec], tuple[ModelSpec, tuple[int, dict[str, int], int]]] = {}
+
+
 def weights_bytes(q: QuantSpec, model: ModelSpec) -> tuple[int, dict[str, int], int]:
-    """Total weight bytes, bytes per role, and the number of parameters stored quantized."""
+    """Total weight bytes, bytes per role, and the number of parameters stored quantized.
+
+    Weights do not depend on the runtime, so the result is memoised per (model object, format): the
+    calculator asks again for every context of its max-context search.
+    """
+    key = (id(model), q)
+    hit = _WEIGHTS_CACHE.get(key)
+    if hit is not None and hit[0] is model:
+        total, by_role, quantized = hit[1]
+        return total, dict(by_role), quantized
+    result = _weights_bytes(q, model)
+    if len(_WEIGHTS_CACHE) > 512:
+        _WEIGHTS_CACHE.clear()
+    _WEIGHTS_CACHE[key] = (model, result)
+    return result[0], dict(result[1]), result[2]
+
+
+def _weights_bytes(q: QuantSpec, model: ModelSpec) -> tuple[int, dict[str, int], int]:
     by_role: dict[str, int] = {}
     quantized = 0
     total = 0

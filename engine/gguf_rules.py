@@ -25,6 +25,7 @@ Pure Python: no torch, no numpy.
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable, Optional
 
@@ -162,8 +163,16 @@ def gguf_name(t: TensorSpec) -> str:
     return f"{t.gguf}.{suffix}" if t.layer is None else f"blk.{t.layer}.{t.gguf}.{suffix}"
 
 
+_BLK = re.compile(r"^blk\.\d+\.")
+
+
 def _category(name: str) -> str:
-    """``tensor_get_category``: substring tests, in llama.cpp's order."""
+    """``tensor_get_category``: substring tests, in llama.cpp's order (memoised per name less ``blk.N.``)."""
+    return _category_of_base(_BLK.sub("", name))
+
+
+@functools.lru_cache(maxsize=1024)
+def _category_of_base(name: str) -> str:
     if name == "output.weight":
         return OUTPUT
     if name in ("token_embd.weight", "per_layer_token_embd.weight"):
@@ -192,7 +201,12 @@ _NO_QUANT_SUBSTRINGS = (
 
 def _allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
     """``tensor_allows_quantization`` with default params (quantize_output_tensor, no only_copy)."""
-    if len(shape) < 2:  # ggml_n_dims < 2: 1-D tensors (norms, biases) are never quantized
+    return _allows_base(_BLK.sub("", name), len(shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _allows_base(name: str, ndims: int) -> bool:
+    if ndims < 2:  # ggml_n_dims < 2: 1-D tensors (norms, biases) are never quantized
         return False
     if not name.endswith("weight"):
         return False

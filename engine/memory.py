@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from .errors import InputError
-from .formats import dtype_bytes, parse_method, weights_bytes
+from .formats import parse_method, weights_bytes
 from .specs import MemoryEstimate, ModelSpec, QuantSpec, RuntimeSpec, TrainingSpec
 
 MiB = 2**20
@@ -115,7 +115,14 @@ def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, t
 
 
 def lora_trainable_params(model: ModelSpec, rank: int, targets: tuple[str, ...]) -> int:
-    """Exact LoRA parameter count: r x (in + out) for each targeted nn.Linear (peft's A and B matrices)."""
+    """Exact LoRA parameter count: r x (in + out) for each targeted nn.Linear (peft's A and B matrices).
+
+    ``targets`` are module leaf names, or ``("all-linear",)`` for every nn.Linear in the decoder blocks (as
+    peft's ``all-linear``; fused MoE experts are not nn.Linear in transformers 5, so they get no adapter).
+    """
+    if tuple(targets) == ("all-linear",):
+        return sum(rank * (t.shape[0] + t.shape[1]) for t in model.tensors
+                   if t.linear and t.layer is not None and t.name.endswith(".weight"))
     total = 0
     matched = set()
     for t in model.tensors:

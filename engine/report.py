@@ -1,6 +1,7 @@
 """Everything the calculator tab and CLI show, computed without any UI: one call per update."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .errors import InputError, QuantScopeError
@@ -54,8 +55,9 @@ def build(sel: Selection, compare: bool = True) -> Report:
     quant = parse_method(sel.method, sel.group_size, sel.double_quant)
     overhead = None
     if sel.overhead_mib is not None:
-        if not isinstance(sel.overhead_mib, (int, float)) or sel.overhead_mib != sel.overhead_mib or sel.overhead_mib < 0:
-            raise InputError("Overhead must be 0 MiB or more.")
+        if (not isinstance(sel.overhead_mib, (int, float)) or not math.isfinite(sel.overhead_mib)
+                or sel.overhead_mib < 0 or sel.overhead_mib > 2**30):
+            raise InputError("Overhead must be a finite number of MiB, 0 or more.")
         overhead = int(sel.overhead_mib * 2**20)
     runtime = RuntimeSpec(context=sel.context, batch=sel.batch, kv_dtype=sel.kv_dtype, device=device_of(hw),
                           overhead_bytes=overhead)

@@ -142,7 +142,8 @@ class TrainingSpec:
     optimizer: str = "adamw"  # adamw | adamw8bit | sgd
     precision: str = "mixed"  # full fine-tune: mixed (fp32 master + 16-bit compute) | bf16 (pure 16-bit) | fp32
     lora_rank: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # "all-linear" = every nn.Linear inside the decoder blocks (peft's target_modules="all-linear").
+    lora_targets: tuple[str, ...] = ("all-linear",)
     gradient_checkpointing: bool = True
 
 

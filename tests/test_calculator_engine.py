@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from engine.errors import ConfigError, InputError, ModelNotFoundError, OfflineError, QuantScopeError
+from engine.errors import ConfigError, InputError, ModelNotFoundError, QuantScopeError
 from engine.formats import parse_method
 from engine.hardware import get_hardware, max_context, verdict
 from engine.memory import estimate, naive_bytes
@@ -183,6 +183,10 @@ def test_lora_trainable_params_match_peft():
         lm = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=list(targets)))
         real = sum(p.numel() for p in lm.parameters() if p.requires_grad)
         assert lora_trainable_params(spec, 8, targets) == real
+        all_lin = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(mt, **cfg)), peft.LoraConfig(r=4, target_modules="all-linear"))
+        assert lora_trainable_params(spec, 4, ("all-linear",)) == sum(
+            p.numel() for p in all_lin.parameters() if p.requires_grad)
         assert lm.base_model.model.model.layers[0].self_attn.o_proj.lora_A["default"].weight.dtype == torch.float32
     with pytest.raises(InputError, match="do not exist"):
         lora_trainable_params(spec, 8, ("gate_proj",))
@@ -243,3 +247,10 @@ def test_gguf_estimate_matches_the_embedded_file():
     data = sum(int(t.n_bytes) for t in reader.tensors)
     est = estimate(resolve("embedded"), parse_method("q4_1")).weights_bytes
     assert abs(est - data) / data < 0.01, (est, data)
+
+
+def test_default_lora_targets_every_block_linear():
+    """The default ("all-linear") works for fused (Phi-3) and MoE (Mixtral) layouts alike."""
+    for ref in ("microsoft/Phi-3-mini-4k-instruct", "mistralai/Mixtral-8x7B-Instruct-v0.1"):
+        e = estimate(resolve(ref), parse_method("bf16"), training=TrainingSpec(mode="lora"))
+        assert e.trainable_params > 0 and e.optimizer_bytes == 8 * e.trainable_params

@@ -9,7 +9,7 @@ import gradio as gr
 
 from engine.errors import QuantScopeError
 from engine.hardware import hardware_choices
-from engine.report import COMPARE_METHODS, Selection, build, explain
+from engine.report import Selection, build, explain
 from engine.sources import preset_choices
 from ui.charts import memory_bars
 
@@ -38,16 +38,26 @@ def estimate(model: str = D.model, method: str = D.method, group_size: float = 0
     Bad input never raises: the verdict box says what was wrong and what to do.
     """
     def num(v):
-        # Number boxes give floats (or None when cleared); keep whole numbers whole, pass the rest to the
-        # engine so that it explains what is wrong with them.
+        # Number boxes give floats (or None when cleared); API callers may send strings. Keep whole numbers
+        # whole, read numeric strings ("4096", "nan"), pass the rest to the engine so that it explains
+        # what is wrong with them.
         if v is None:
             return None
+        if isinstance(v, str):
+            try:
+                v = float(v.strip())
+            except ValueError:
+                return v
         return int(v) if isinstance(v, float) and v == v and abs(v) < 1e18 and v == int(v) else v
 
+    # A negative overhead means "the device default"; anything that is not a number (or NaN) goes to the
+    # engine, which explains it (comparing it with 0 here raised a TypeError before the try below).
+    overhead_mib = num(overhead_mib)
+    default_overhead = overhead_mib is None or (isinstance(overhead_mib, (int, float)) and overhead_mib < 0)
     sel = Selection(model=model, method=method, group_size=num(group_size) or None, double_quant=bool(double_quant),
                     context=num(context), batch=num(batch), kv_dtype=kv_dtype, mode=mode, hardware=hardware,
                     lora_rank=num(lora_rank), optimizer=optimizer, gradient_checkpointing=bool(gradient_checkpointing),
-                    overhead_mib=None if overhead_mib is None or overhead_mib < 0 else overhead_mib)
+                    overhead_mib=None if default_overhead else overhead_mib)
     share = json.dumps(asdict(sel))
     try:
         r = build(sel)
@@ -110,6 +120,10 @@ def _values(s: Selection):
 
 
 def build_tab(services=None) -> None:
+    # The number boxes have no precision or minimum on purpose: gr.Number(precision=0) runs int(round(x))
+    # before the handler, so an API call with NaN, infinity or a string ended in a bare "error" (a traceback
+    # in the log) and 0.5 became 0 silently. Every value reaches estimate(), whose engine call says what
+    # is wrong with it; whole floats are made ints there.
     gr.Markdown("Will this model fit, in which format, at which context? Weights and KV cache are exact byte "
                 "counts (checked against real quantized models); activations and overhead are estimates.")
     with gr.Row():
@@ -118,16 +132,16 @@ def build_tab(services=None) -> None:
                                 info="A preset, a Hub id (owner/name), a local config.json, or a parameter count like 7B")
             method = gr.Dropdown(METHOD_CHOICES, value=D.method, label="Format", allow_custom_value=True)
             with gr.Row():
-                group_size = gr.Number(0, label="Group size (0 = default)", precision=0, minimum=-1)
+                group_size = gr.Number(0, label="Group size (0 = default)", step=1)
                 double_quant = gr.Checkbox(D.double_quant, label="Double quant (bnb 4-bit)")
             with gr.Row():
-                context = gr.Number(D.context, label="Context (tokens)", precision=0)
-                batch = gr.Number(D.batch, label="Batch", precision=0)
+                context = gr.Number(D.context, label="Context (tokens)", step=1)
+                batch = gr.Number(D.batch, label="Batch", step=1)
             kv_dtype = gr.Dropdown(KV_CHOICES, value=D.kv_dtype, label="KV-cache dtype")
             mode = gr.Radio(["inference", "lora", "qlora", "full"], value=D.mode, label="Mode")
             hardware = gr.Dropdown(hardware_choices(), value=D.hardware, label="Hardware")
             with gr.Accordion("Training and overhead", open=False):
-                lora_rank = gr.Number(D.lora_rank, label="LoRA rank", precision=0)
+                lora_rank = gr.Number(D.lora_rank, label="LoRA rank", step=1)
                 optimizer = gr.Dropdown(["adamw", "adamw8bit", "sgd"], value=D.optimizer, label="Optimizer")
                 grad_ckpt = gr.Checkbox(D.gradient_checkpointing, label="Gradient checkpointing")
                 overhead = gr.Number(-1, label="Runtime overhead MiB (-1 = device default)")

@@ -24,8 +24,12 @@ def memory_bars(rows: list[MemoryEstimate], capacity_bytes: int, capacity_label:
     totals = [r.total_bytes / GiB for r in rows]
     fig.add_scatter(x=x, y=totals, mode="text", text=[f"{t:.1f}" for t in totals], textposition="top center",
                     showlegend=False, hoverinfo="skip")
-    fig.add_hline(y=capacity_bytes / GiB, line_dash="dash", line_color="#D62728",
-                  annotation_text=f"{capacity_label}: {capacity_bytes / GiB:.1f} GiB", annotation_position="top right")
+    # The capacity line is labelled in the legend, not by an annotation on the line: an annotation sat on
+    # top of the total labels of every bar whose total is near the capacity.
+    fig.add_hline(y=capacity_bytes / GiB, line_dash="dash", line_color="#D62728")
+    fig.add_scatter(x=[x[0]] if x else [], y=[None] if x else [], mode="lines", hoverinfo="skip",
+                    line=dict(dash="dash", color="#D62728"),
+                    name=f"{capacity_label}: {capacity_bytes / GiB:.1f} GiB")
     if selected in x:
         fig.add_vrect(x0=x.index(selected) - 0.45, x1=x.index(selected) + 0.45, fillcolor="#FFD700", opacity=0.18,
                       line_width=0, layer="below")
