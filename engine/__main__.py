@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--overhead-mib", type=float, default=None, help="fixed runtime overhead (default per device)")
     e.add_argument("--json", action="store_true", help="print one JSON object (integer bytes)")
     e.set_defaults(func=_estimate)
+    from . import cli_generate  # generate, embedded-path
+    cli_generate.add_parser(sub)
     args = p.parse_args(argv)
     try:
         return args.func(args)

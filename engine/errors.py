@@ -26,3 +26,15 @@ class GatedModelError(QuantScopeError):
 
 class OfflineError(QuantScopeError):
     """The Hub cannot be reached (offline mode or no network)."""
+
+
+class BackendUnavailableError(QuantScopeError):
+    """The loader a format needs is not installed or cannot run on this device (the message says why)."""
+
+
+class ModelLoadError(QuantScopeError):
+    """Loading or quantizing the model failed (bad files, unsupported architecture, ...)."""
+
+
+class GenerationError(QuantScopeError):
+    """A generation run failed while producing tokens."""

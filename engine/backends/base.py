@@ -1,0 +1,317 @@
+"""The interface every model loader implements, and the value objects that cross it.
+
+A :class:`Backend` loads a model reference in one storage format (:class:`~engine.specs.QuantSpec`) onto a
+device and returns a :class:`LoadedModel`; :meth:`Backend.stream` then produces :class:`TokenEvent`\\ s one
+token at a time through a :class:`TokenStream`, which can be cancelled from another thread with a
+``threading.Event``. Backends import their heavy libraries lazily and say whether they can run, and why
+not (:meth:`Backend.available`).
+
+Model references (:func:`locate`): ``embedded`` (the bundled SmolLM2-135M-Instruct, see
+:mod:`engine.embedded`), a local Hugging Face model folder, a local ``.gguf`` file, or a Hub id already in
+the local Hugging Face cache (weights are never downloaded here).
+"""
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
+
+from ..errors import InputError, ModelNotFoundError
+from ..specs import ModelSpec, QuantSpec, RuntimeSpec
+
+Messages = Sequence[dict]
+Prompt = Union[str, Messages]
+
+MAX_NEW_TOKENS = 8192
+
+
+def default_device() -> str:
+    """``cuda`` when PyTorch sees a GPU, else ``cpu``."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: Optional[str]) -> str:
+    if device is None or device == "auto":
+        return default_device()
+    d = str(device).strip().lower()
+    if d == "cpu":
+        return d
+    if d == "cuda" or d.startswith("cuda:"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("No CUDA GPU is visible to PyTorch here; use device 'cpu' (or 'auto').")
+        return d
+    raise InputError(f"Unknown device '{device}'. Use auto, cpu or cuda.")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to generate. ``temperature`` 0 means greedy decoding (the default, reproducible); above 0 the
+    next token is sampled (``top_p`` nucleus, optional ``top_k``), reproducibly when ``seed`` is given."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    seed: Optional[int] = None
+    system: Optional[str] = None  # a system message prepended when the prompt is a plain string
+
+    def __post_init__(self):
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
+            raise InputError(f"Max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, got {n!r}.")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t != t or not 0 <= t <= 10:
+            raise InputError(f"Temperature must be a number from 0 to 10, got {t!r}.")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or p != p or not 0 < p <= 1:
+            raise InputError(f"Top-p must be a number above 0 and at most 1, got {p!r}.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"Top-k must be a whole number, 0 or more, got {self.top_k!r}.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**32):
+            raise InputError(f"Seed must be a whole number from 0 to 2^32-1, got {self.seed!r}.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def to_messages(prompt: Prompt, settings: GenerationSettings) -> list[dict]:
+    """A chat message list from a plain prompt or a message list (validated)."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError("The prompt is empty; type a question or an instruction.")
+        msgs = [{"role": "user", "content": prompt}]
+        if settings.system:
+            msgs.insert(0, {"role": "system", "content": settings.system})
+        return msgs
+    msgs = list(prompt or [])
+    if not msgs:
+        raise InputError("The conversation is empty; add a user message.")
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise InputError("Each message needs a role (system, user or assistant) and a text content.")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token. ``text`` is the text it adds (possibly empty: a token holding half of a
+    multi-byte character, or a special token); ``t`` is ``time.perf_counter()`` when it was produced.
+    A final flush event (``token_id`` None) may carry text still held back when the run ended."""
+
+    text: str
+    token_id: Optional[int]
+    t: float
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model loaded by a backend, with what its loading measured.
+
+    ``load_s`` is the wall time until the model was ready (quantization included); ``quantize_s`` the part
+    spent quantizing where it can be separated (HQQ), 0.0 for formats that are not quantized at load, and
+    None where the library quantizes inside loading (bitsandbytes). ``weights_bytes`` is measured from the
+    loaded objects (:mod:`engine.backends.measure`; llama.cpp: ``llama_model_size``).
+    """
+
+    backend: str
+    ref: str
+    quant: QuantSpec
+    device: str
+    model: Any
+    tokenizer: Any
+    load_s: float
+    quantize_s: Optional[float]
+    weights_bytes: int
+    path: str = ""
+    spec: Optional[ModelSpec] = None  # the model's shape, for the calculator's prediction (None if unknown)
+    info: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def method(self) -> str:
+        return self.quant.name
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+
+class TokenStream:
+    """An iterator of :class:`TokenEvent` with what the run learnt on the way.
+
+    ``prompt_tokens`` is known once iteration starts; ``finish_reason`` is ``eos``, ``length``,
+    ``cancelled`` or ``error`` once it ends; ``thread`` is the worker thread (None when tokens are produced
+    in the consumer's thread). :meth:`close` (or abandoning the iterator) stops the run and joins the worker.
+    """
+
+    def __init__(self, gen_fn: Callable[["TokenStream"], Iterator[TokenEvent]]):
+        self.prompt_tokens: int = 0
+        self.finish_reason: Optional[str] = None
+        self.thread: Optional[threading.Thread] = None
+        self.started: float = time.perf_counter()
+        self._gen = gen_fn(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TokenEvent:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+
+class Backend(ABC):
+    """One loader behind the common interface. Subclasses set ``name``, ``methods`` (the
+    ``QuantSpec.method`` values they serve) and ``label``."""
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    methods: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    @abstractmethod
+    def available(cls) -> tuple[bool, str]:
+        """(True, "") when the backend can run here, else (False, a user-facing reason)."""
+
+    @classmethod
+    def serves(cls, quant: QuantSpec) -> bool:
+        return quant.method in cls.methods
+
+    @abstractmethod
+    def load(self, ref: str, quant: QuantSpec, device: Optional[str] = None) -> LoadedModel:
+        """Load ``ref`` stored as ``quant`` on ``device`` (None: :func:`default_device`)."""
+
+    @abstractmethod
+    def stream(self, loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = GenerationSettings(),
+               cancel_event: Optional[threading.Event] = None) -> TokenStream:
+        """Generate from a chat prompt, token by token; setting ``cancel_event`` stops it between tokens."""
+
+    def runtime_spec(self, loaded: LoadedModel, context_tokens: int) -> RuntimeSpec:
+        """The calculator's runtime for a run that ended with ``context_tokens`` tokens in context."""
+        dev = "cuda" if loaded.device.startswith("cuda") else "cpu"
+        return RuntimeSpec(context=max(1, context_tokens), batch=1, device=dev)
+
+    def unload(self, loaded: LoadedModel) -> None:
+        """Drop the model and free its memory (CUDA cache included)."""
+        with loaded.lock:
+            loaded.model = None
+            loaded.tokenizer = None
+        release_freed_memory()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Model references
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where a model's files are: ``hf_dir`` (a transformers folder) and/or ``gguf`` (a GGUF file)."""
+
+    ref: str
+    hf_dir: Optional[Path] = None
+    gguf: Optional[Path] = None
+    spec_ref: Optional[str] = None  # what engine.sources.resolve takes for this model's shape
+
+
+def is_embedded(ref: str) -> bool:
+    from ..sources import EMBEDDED_ID
+
+    r = (ref or "").strip().lower()
+    return r in ("embedded", EMBEDDED_ID.lower())
+
+
+def locate(ref: str, kind: str) -> ModelFiles:
+    """Find the files of ``ref`` for a backend that needs ``kind`` (``hf`` or ``gguf``)."""
+    from .. import embedded
+
+    if not isinstance(ref, str) or not ref.strip():
+        raise InputError("No model given. Use 'embedded', a local model folder, or a .gguf file.")
+    ref = ref.strip()
+    if is_embedded(ref):
+        if kind == "gguf":
+            return ModelFiles(ref="embedded", gguf=embedded.gguf_path(), spec_ref="embedded")
+        return ModelFiles(ref="embedded", hf_dir=embedded.hf_path(), spec_ref="embedded")
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        if kind != "gguf":
+            raise InputError(f"'{path.name}' is a GGUF file: load it with method gguf (llama.cpp).")
+        return ModelFiles(ref=ref, gguf=path)
+    if path.is_dir():
+        if kind == "gguf":
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise ModelNotFoundError(f"Method gguf needs a .gguf file; '{path.name}' holds {len(ggufs)}. "
+                                         "Give the file's path.")
+            return ModelFiles(ref=ref, gguf=ggufs[0], spec_ref=str(path) if (path / "config.json").is_file() else None)
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"'{path.name}' has no config.json, so it is not a transformers model folder.")
+        return ModelFiles(ref=ref, hf_dir=path, spec_ref=str(path))
+    if ref.startswith((".", "/", "~")) or path.suffix.lower() == ".gguf":
+        raise ModelNotFoundError(f"No model file or folder at '{ref}'.")
+    from ..sources import HUB_ID
+
+    if HUB_ID.match(ref) and kind == "hf":
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = Path(snapshot_download(ref, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any miss means "not in the local cache"
+            local = None
+        if local is not None and (local / "config.json").is_file():
+            return ModelFiles(ref=ref, hf_dir=local, spec_ref=str(local))
+        raise ModelNotFoundError(f"'{ref}' is not in the local Hugging Face cache, and QuantScope does not download "
+                                 "weights. Download it first (huggingface-cli download), or use 'embedded'.")
+    raise ModelNotFoundError(f"'{ref}' is not 'embedded', a local model folder, or a .gguf file.")
+
+
+def model_spec(files: ModelFiles) -> Optional[ModelSpec]:
+    """The model's shape for predictions, or None when it cannot be read."""
+    if not files.spec_ref:
+        return None
+    from ..errors import QuantScopeError
+    from ..sources import resolve
+
+    try:
+        return resolve(files.spec_ref)
+    except QuantScopeError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc ``malloc_trim``), so that the process's
+    resident memory reflects what is live after a load (bitsandbytes and HQQ first materialise a 16-bit
+    copy; without this the freed pages stay resident and inflate every later RSS reading)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+            "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}[name]

@@ -1,0 +1,226 @@
+"""llama.cpp backend (llama-cpp-python): GGUF files, loaded as they are.
+
+Method ``gguf`` means "the file as shipped"; a GGUF type name (``q4_1``, ``q4_k_m``, ...) is accepted when it
+is the file's own type (llama.cpp does not re-quantize on load). All layers are offloaded to the GPU
+(``n_gpu_layers=-1``) when the device is CUDA and the installed llama_cpp build supports offload; otherwise
+everything runs on the CPU and ``info["offload"]`` says why.
+
+Streaming uses the token-level ``Llama.generate`` in the consumer's thread: the prompt is the model's own
+chat template (GGUF ``tokenizer.chat_template``) rendered by llama_cpp's Jinja2 formatter, the KV cache is
+reset before each run (so TTFT always includes the full prefill), the cancel event is checked between
+tokens, and bytes are decoded incrementally so multi-byte characters split across tokens come out whole.
+A ``Llama`` object is not thread-safe: one run at a time per loaded model (others wait, cancellably).
+
+Measured weights: ``llama_model_size`` -- the bytes of every tensor of the loaded model, which equals the
+file's tensor data.
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+import os
+import threading
+import time
+from typing import Optional
+
+from ..errors import BackendUnavailableError, GenerationError, InputError, ModelLoadError
+from ..specs import QuantSpec, RuntimeSpec
+from .base import (Backend, GenerationSettings, LoadedModel, Prompt, TokenEvent, TokenStream, check_device,
+                   locate, model_spec, to_messages)
+
+DEFAULT_N_CTX = 4096
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp's C code prints to fd 2 even with verbose=False in some paths; silence it while loading."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+
+
+def file_type(llm) -> Optional[str]:
+    """The llama.cpp file type (``Q4_1``) of a loaded model, from its ``general.file_type``; None if absent."""
+    from .. import gguf_rules
+
+    try:
+        return gguf_rules.FTYPE_NAMES.get(int(llm.metadata["general.file_type"]))
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+class LlamaCppBackend(Backend):
+    name = "llama.cpp"
+    label = "llama.cpp"
+    methods = ("gguf",)
+
+    def __init__(self, n_ctx: int = DEFAULT_N_CTX):
+        self.n_ctx = n_ctx
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as e:
+            return False, f"llama_cpp (llama-cpp-python) is not installed ({e})"
+        except Exception as e:  # noqa: BLE001 - e.g. the shared library failed to load
+            return False, f"llama_cpp failed to import: {e.__class__.__name__}: {e}"
+        return True, ""
+
+    @staticmethod
+    def gpu_offload() -> bool:
+        import llama_cpp
+
+        try:
+            return bool(llama_cpp.llama_supports_gpu_offload())
+        except Exception:  # noqa: BLE001
+            return False
+
+    def load(self, ref: str, quant: QuantSpec, device: Optional[str] = None) -> LoadedModel:
+        ok, why = self.available()
+        if not ok:
+            raise BackendUnavailableError(f"llama.cpp cannot run here: {why}.")
+        if quant.method != "gguf":
+            raise InputError(f"llama.cpp loads GGUF files (method gguf), not {quant.name}.")
+        import llama_cpp
+
+        device = check_device(device)
+        files = locate(ref, "gguf")
+        info: dict = {"n_ctx": self.n_ctx, "file": files.gguf.name}
+        n_gpu_layers = 0
+        if device.startswith("cuda"):
+            if self.gpu_offload():
+                n_gpu_layers = -1
+                info["offload"] = "all layers on the GPU"
+            else:
+                info["offload"] = "this llama_cpp build has no GPU support: running on the CPU"
+                device = "cpu"
+        t0 = time.perf_counter()
+        try:
+            with _quiet_stderr():
+                llm = llama_cpp.Llama(model_path=str(files.gguf), n_ctx=self.n_ctx, n_gpu_layers=n_gpu_layers,
+                                      verbose=False)
+        except Exception as e:  # noqa: BLE001 - ValueError "Failed to load model from file", ...
+            raise ModelLoadError(f"llama.cpp could not load {files.gguf.name}: {e}") from e
+        load_s = time.perf_counter() - t0
+        info["n_gpu_layers"] = n_gpu_layers
+        ftype = info["file_type"] = file_type(llm)
+        if quant.quant_type and ftype and quant.quant_type.upper() != ftype:
+            with contextlib.suppress(Exception):
+                llm.close()
+            raise InputError(f"The file is {ftype}; llama.cpp loads GGUF files as they are and does not convert "
+                             f"them to {quant.quant_type}. Use method gguf (or {ftype.lower()}).")
+        q = quant if quant.quant_type or not ftype else QuantSpec(method="gguf", quant_type=ftype, dtype="fp16",
+                                                                 label=ftype)
+        return LoadedModel(backend=self.name, ref=files.ref, quant=q, device=device, model=llm, tokenizer=None,
+                           load_s=load_s, quantize_s=0.0, weights_bytes=int(llm._model.size()),
+                           path=str(files.gguf), spec=model_spec(files), info=info)
+
+    def runtime_spec(self, loaded: LoadedModel, context_tokens: int) -> RuntimeSpec:
+        # llama.cpp allocates the whole KV cache (n_ctx tokens, f16) when the context is created.
+        dev = "cuda" if loaded.device.startswith("cuda") else "cpu"
+        return RuntimeSpec(context=int(loaded.info.get("n_ctx", self.n_ctx)), batch=1, kv_dtype="fp16", device=dev)
+
+    def unload(self, loaded: LoadedModel) -> None:
+        with loaded.lock:
+            llm, loaded.model = loaded.model, None
+            if llm is not None:
+                with contextlib.suppress(Exception):
+                    llm.close()
+
+    def stream(self, loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = GenerationSettings(),
+               cancel_event: Optional[threading.Event] = None) -> TokenStream:
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if not loaded.loaded:
+            raise InputError("This model has been unloaded; load it again.")
+        messages = to_messages(prompt, settings)
+
+        def cancelled() -> bool:
+            return cancel_event is not None and cancel_event.is_set()
+
+        def run(ts: TokenStream):
+            while not loaded.lock.acquire(timeout=0.05):  # one run at a time per Llama
+                if cancelled():
+                    ts.finish_reason = "cancelled"
+                    return
+            gen = None
+            try:
+                llm = loaded.model
+                if llm is None:
+                    raise InputError("This model has been unloaded; load it again.")
+                template = llm.metadata.get("tokenizer.chat_template")
+                if not template:
+                    raise GenerationError("This GGUF file has no chat template, so chat prompts cannot be formatted.")
+                vocab = llm._model.vocab
+
+                def piece(tid: Optional[int]) -> str:
+                    return "" if tid is None or tid < 0 else llm.detokenize([tid], special=True).decode("utf-8", "replace")
+
+                fmt = Jinja2ChatFormatter(template=template, eos_token=piece(llm.token_eos()),
+                                          bos_token=piece(llm.token_bos()))
+                text = fmt(messages=messages).prompt
+                tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+                if len(tokens) + settings.max_new_tokens > llm.n_ctx():
+                    raise InputError(f"The prompt ({len(tokens)} tokens) plus {settings.max_new_tokens} new tokens "
+                                     f"do not fit in the context of {llm.n_ctx()} tokens.")
+                ts.prompt_tokens = len(tokens)
+                if settings.seed is not None:
+                    llm.set_seed(settings.seed)
+                llm.reset()  # no prefix reuse: every run pays its full prefill, so TTFT is comparable
+                if settings.greedy:
+                    kw = dict(temp=0.0)
+                else:
+                    kw = dict(temp=float(settings.temperature), top_p=float(settings.top_p),
+                              top_k=settings.top_k, min_p=0.0)
+                gen = llm.generate(tokens, repeat_penalty=1.0, reset=True, **kw)
+                dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                n = 0
+                for tid in gen:
+                    t = time.perf_counter()
+                    n += 1
+                    eog = bool(llama_cpp.llama_vocab_is_eog(vocab, tid))
+                    delta = "" if eog else dec.decode(llm.detokenize([tid]))
+                    yield TokenEvent(delta, int(tid), t)
+                    if eog:
+                        ts.finish_reason = "eos"
+                        break
+                    if cancelled():
+                        ts.finish_reason = "cancelled"
+                        break
+                    if n >= settings.max_new_tokens:
+                        ts.finish_reason = "length"
+                        break
+                rest = dec.decode(b"", final=True)
+                if rest:
+                    yield TokenEvent(rest, None, time.perf_counter())
+                if ts.finish_reason is None:
+                    ts.finish_reason = "length"
+            except (InputError, GenerationError):
+                ts.finish_reason = "error"
+                raise
+            except GeneratorExit:
+                raise
+            except Exception as e:  # noqa: BLE001
+                ts.finish_reason = "error"
+                raise GenerationError(f"llama.cpp generation failed: {e.__class__.__name__}: {e}") from e
+            finally:
+                if gen is not None:
+                    gen.close()
+                if ts.finish_reason is None:
+                    ts.finish_reason = "cancelled"
+                loaded.lock.release()
+
+        return TokenStream(run)

@@ -1,0 +1,361 @@
+"""transformers backends: 16/32-bit models and bitsandbytes LLM.int8 / NF4 / FP4, plus the streaming machinery
+shared with the HQQ backend.
+
+Streaming: the chat template is applied, ``model.generate`` runs in a worker thread with a small streamer
+(:func:`make_streamer`) that pushes each new token id and the time it was produced into a queue, and a
+stopping criterion (:func:`make_cancel_criteria`) that ends generation at the next token once a
+``threading.Event`` is set -- by the caller (stop button, client disconnect) or by the stream itself when
+its consumer closes or abandons it. Text deltas come from incremental detokenisation
+(:class:`IncrementalDecoder`), correct for characters split over several tokens.
+
+transformers 5 removed ``load_in_8bit=`` / ``load_in_4bit=`` from ``from_pretrained``: bitsandbytes is
+configured through ``quantization_config=BitsAndBytesConfig(...)`` only.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+import time
+from typing import Optional
+
+from ..errors import BackendUnavailableError, GenerationError, InputError, ModelLoadError
+from ..specs import QuantSpec
+from .base import (Backend, GenerationSettings, LoadedModel, Prompt, TokenEvent, TokenStream, check_device,
+                   locate, model_spec, release_freed_memory, to_messages, torch_dtype)
+from .measure import weight_bytes
+
+log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 30.0
+
+
+def _import_error(lib: str) -> Optional[str]:
+    try:
+        __import__(lib)
+    except ImportError as e:
+        return f"{lib} is not installed ({e})"
+    except Exception as e:  # noqa: BLE001 - a broken install (missing native library, ...) is "not available"
+        return f"{lib} failed to import: {e.__class__.__name__}: {e}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming helpers
+# ---------------------------------------------------------------------------------------------
+def _streamer_base():
+    from transformers.generation.streamers import BaseStreamer
+
+    return BaseStreamer
+
+
+def make_streamer(q: "queue.Queue"):
+    """A transformers streamer (``BaseStreamer``, imported lazily) that queues ``("tok", id, t)`` for each
+    generated token; the prompt, which ``generate`` puts first, is skipped."""
+    base = _streamer_base()
+
+    class QueueStreamer(base):
+        def __init__(self):
+            self.prompt_seen = False
+
+        def put(self, value):
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            t = time.perf_counter()
+            for tid in value.reshape(-1).tolist():
+                q.put(("tok", int(tid), t))
+
+        def end(self):
+            pass
+
+    return QueueStreamer()
+
+
+def make_cancel_criteria(stop: threading.Event, cancel: Optional[threading.Event]):
+    """A StoppingCriteria that is true (for every sequence) once ``stop`` or ``cancel`` is set."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class CancelCriteria(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            flag = stop.is_set() or (cancel is not None and cancel.is_set())
+            return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)
+
+    return CancelCriteria()
+
+
+class IncrementalDecoder:
+    """Token ids in, text deltas out. Decodes a short window (``prefix``..end) and emits only once the new
+    text no longer ends in an incomplete character (U+FFFD), so multi-byte characters split across tokens
+    and tokenizers whose pieces merge differently in context both come out right."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def _decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self.prefix:self.read])
+        new_text = self._decode(self.ids[self.prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        prefix_text = self._decode(self.ids[self.prefix:self.read])
+        new_text = self._decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return new_text[len(prefix_text):] if len(new_text) > len(prefix_text) else ""
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        e = getattr(src, "eos_token_id", None)
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _generation_config(model, tokenizer, settings: GenerationSettings, eos: set[int]):
+    gc = copy.deepcopy(model.generation_config)
+    gc.max_new_tokens = settings.max_new_tokens
+    gc.max_length = None
+    gc.min_new_tokens = None
+    gc.num_beams = 1
+    gc.eos_token_id = sorted(eos) if eos else None
+    if gc.pad_token_id is None:
+        gc.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else None)
+    if settings.greedy:
+        gc.do_sample = False
+        gc.temperature = None
+        gc.top_p = None
+        gc.top_k = None
+    else:
+        gc.do_sample = True
+        gc.temperature = float(settings.temperature)
+        gc.top_p = float(settings.top_p)
+        gc.top_k = settings.top_k or None
+    return gc
+
+
+def hf_stream(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings,
+              cancel_event: Optional[threading.Event]) -> TokenStream:
+    """Stream from a transformers model (also used by HQQ)."""
+    import torch
+
+    if not loaded.loaded:
+        raise InputError("This model has been unloaded; load it again.")
+    model, tok = loaded.model, loaded.tokenizer
+    messages = to_messages(prompt, settings)
+
+    def run(ts: TokenStream):
+        try:
+            enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                          return_dict=True)
+        except Exception as e:  # noqa: BLE001 - no template, bad roles, ...
+            raise GenerationError(f"Could not apply the model's chat template: {e}") from None
+        dev = loaded.info.get("input_device", loaded.device)
+        inputs = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        ts.prompt_tokens = int(inputs["input_ids"].shape[1])
+        eos = _eos_ids(model, tok)
+        gc = _generation_config(model, tok, settings, eos)
+        q: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        from transformers import StoppingCriteriaList
+
+        criteria = StoppingCriteriaList([make_cancel_criteria(stop, cancel_event)])
+        streamer = make_streamer(q)
+
+        def work():
+            try:
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
+                    if torch.cuda.is_available():
+                        torch.cuda.manual_seed_all(settings.seed)
+                with torch.inference_mode():
+                    model.generate(**inputs, generation_config=gc, streamer=streamer, stopping_criteria=criteria)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                q.put(("error", e, time.perf_counter()))
+            finally:
+                q.put(("done", None, time.perf_counter()))
+
+        th = threading.Thread(target=work, name=f"generate-{loaded.backend}", daemon=True)
+        ts.thread = th
+        dec = IncrementalDecoder(tok)
+        n = 0
+        last = None
+        error: Optional[BaseException] = None
+        th.start()
+        try:
+            while True:
+                try:
+                    kind, val, t = q.get(timeout=0.05)
+                except queue.Empty:
+                    if cancel_event is not None and cancel_event.is_set():
+                        stop.set()
+                    continue
+                if kind == "tok":
+                    n += 1
+                    last = val
+                    yield TokenEvent(dec.add(val), val, t)
+                elif kind == "error":
+                    error = val
+                elif kind == "done":
+                    break
+            if error is not None:
+                ts.finish_reason = "error"
+                if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+                    raise GenerationError(f"Ran out of memory while generating with {loaded.method} on "
+                                          f"{loaded.device}. Try fewer new tokens or a smaller format.") from error
+                raise GenerationError(f"Generation failed: {error.__class__.__name__}: {error}") from error
+            rest = dec.flush()
+            if rest:
+                yield TokenEvent(rest, None, time.perf_counter())
+            if stop.is_set() or (cancel_event is not None and cancel_event.is_set()):
+                ts.finish_reason = "eos" if last in eos else "cancelled"
+            else:
+                ts.finish_reason = "eos" if last in eos else "length"
+        finally:
+            if ts.finish_reason is None:
+                ts.finish_reason = "cancelled"
+            stop.set()
+            th.join(JOIN_TIMEOUT_S)
+            if th.is_alive():  # pragma: no cover - a forward pass longer than the timeout
+                log.warning("generation worker still running %.0f s after it was told to stop", JOIN_TIMEOUT_S)
+
+    return TokenStream(run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+class _Int8LogFilter(logging.Filter):
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast ..." at WARNING on *every* int8 matmul."""
+
+    def filter(self, record):
+        return "inputs will be cast" not in record.getMessage()
+
+
+_filter_installed = False
+
+
+def _quiet_bnb_int8():
+    global _filter_installed
+    if not _filter_installed:
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Int8LogFilter())
+        _filter_installed = True
+
+
+class HFBackend(Backend):
+    """Common loading and streaming for backends built on transformers."""
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        for lib in ("torch", "transformers"):
+            why = _import_error(lib)
+            if why:
+                return False, why
+        return True, ""
+
+    def _check(self, quant: QuantSpec, device: Optional[str]) -> str:
+        ok, why = self.available()
+        if not ok:
+            raise BackendUnavailableError(f"{self.label} cannot run here: {why}.")
+        if not self.serves(quant):
+            raise InputError(f"{self.label} does not load {quant.name}; it loads {', '.join(self.methods)}.")
+        return check_device(device)
+
+    def _from_pretrained(self, path, **kw):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(path), **kw)  # never trust_remote_code
+
+    def _build(self, path, quant: QuantSpec, device: str):
+        """Return (model, quantize_s, info). Subclasses override."""
+        raise NotImplementedError
+
+    def load(self, ref: str, quant: QuantSpec, device: Optional[str] = None) -> LoadedModel:
+        import torch
+        from transformers import AutoTokenizer
+
+        device = self._check(quant, device)
+        files = locate(ref, "hf")
+        t0 = time.perf_counter()
+        try:
+            tok = AutoTokenizer.from_pretrained(str(files.hf_dir))
+            model, quantize_s, info = self._build(files.hf_dir, quant, device)
+        except (BackendUnavailableError, InputError, ModelLoadError):
+            raise
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            raise ModelLoadError(f"Not enough memory on {device} to load {files.ref} as {quant.name}.") from e
+        except Exception as e:  # noqa: BLE001 - library errors become one user-facing line
+            raise ModelLoadError(f"Could not load {files.ref} as {quant.name} on {device}: "
+                                 f"{e.__class__.__name__}: {e}") from e
+        model.eval()
+        release_freed_memory()
+        load_s = time.perf_counter() - t0
+        info.setdefault("input_device", str(next(model.parameters()).device))
+        return LoadedModel(backend=self.name, ref=files.ref, quant=quant, device=device, model=model, tokenizer=tok,
+                           load_s=load_s, quantize_s=quantize_s, weights_bytes=weight_bytes(model),
+                           path=str(files.hf_dir), spec=model_spec(files), info=info)
+
+    def stream(self, loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = GenerationSettings(),
+               cancel_event: Optional[threading.Event] = None) -> TokenStream:
+        return hf_stream(loaded, prompt, settings, cancel_event)
+
+
+class TransformersBackend(HFBackend):
+    """Unquantized models in fp32, fp16 or bf16."""
+
+    name = "transformers"
+    label = "transformers"
+    methods = ("fp32", "fp16", "bf16")
+
+    def _build(self, path, quant, device):
+        model = self._from_pretrained(path, dtype=torch_dtype(quant.dtype), device_map={"": device})
+        return model, 0.0, {}
+
+
+class BitsAndBytesBackend(HFBackend):
+    """bitsandbytes LLM.int8 and 4-bit (NF4 / FP4, optional double quantization), quantized while loading."""
+
+    name = "bitsandbytes"
+    label = "bitsandbytes"
+    methods = ("int8", "bnb4")
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        ok, why = super().available()
+        if not ok:
+            return ok, why
+        why = _import_error("bitsandbytes")
+        return (False, why) if why else (True, "")
+
+    def _build(self, path, quant, device):
+        from transformers import BitsAndBytesConfig
+
+        dtype = torch_dtype(quant.dtype)
+        if quant.method == "int8":
+            _quiet_bnb_int8()
+            qc = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type or "nf4",
+                                    bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype)
+        model = self._from_pretrained(path, dtype=dtype, quantization_config=qc, device_map={"": device})
+        # bitsandbytes quantizes inside from_pretrained: its time is part of load_s and cannot be separated.
+        return model, None, {}
