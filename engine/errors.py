@@ -38,3 +38,11 @@ class ModelLoadError(QuantScopeError):
 
 class GenerationError(QuantScopeError):
     """A generation run failed while producing tokens."""
+
+
+class DoesNotFitError(QuantScopeError):
+    """A model would not fit in the memory left for models (the message gives the estimate and what is free)."""
+
+
+class OutOfMemoryDuringGenerationError(GenerationError):
+    """The device ran out of memory while a loaded model was generating; the model has been unloaded."""
