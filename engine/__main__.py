@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine <verb>``. Verbs: estimate (more land with later issues)."""
+"""Command line: ``python -m engine <verb>``. Verbs: estimate, generate, embedded-path."""
 from __future__ import annotations
 
 import argparse
@@ -6,20 +6,9 @@ import json
 import logging
 import sys
 
+from .cliutil import whole_number
 from .errors import QuantScopeError
 from .units import fmt_bytes
-
-
-def _whole(name: str):
-    def parse(text: str) -> int:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got '{text}'") from None
-        if v != v or v in (float("inf"), float("-inf")) or v != int(v):
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got '{text}'")
-        return int(v)
-    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
                         "Hub id, or a parameter count like 7B")
     e.add_argument("--method", default="bf16", help="fp32 fp16 bf16 int8 nf4 fp4 hqq1-8 gptq2/3/4/8 awq4, or a GGUF "
                                                     "type like q4_k_m")
-    e.add_argument("--group-size", type=_whole("--group-size"), default=None)
+    e.add_argument("--group-size", type=whole_number("--group-size"), default=None)
     e.add_argument("--double-quant", action="store_true", help="bitsandbytes 4-bit double quantization")
-    e.add_argument("--context", type=_whole("--context"), default=4096)
-    e.add_argument("--batch", type=_whole("--batch"), default=1)
+    e.add_argument("--context", type=whole_number("--context"), default=4096)
+    e.add_argument("--batch", type=whole_number("--batch"), default=1)
     e.add_argument("--kv-dtype", default="auto", help="auto fp32 fp16 bf16 fp8 q8_0 q4_0")
     e.add_argument("--mode", default="inference", choices=["inference", "lora", "qlora", "full"])
     e.add_argument("--hardware", default="nvidia-t4", help="GPU preset id (see assets/gpus.json) or cpu")
-    e.add_argument("--lora-rank", type=_whole("--lora-rank"), default=16)
+    e.add_argument("--lora-rank", type=whole_number("--lora-rank"), default=16)
     e.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "sgd"])
     e.add_argument("--no-gradient-checkpointing", action="store_true")
     e.add_argument("--overhead-mib", type=float, default=None, help="fixed runtime overhead (default per device)")

@@ -6,24 +6,13 @@ on a domain error. ``python -m engine embedded-path`` prints the embedded model'
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from .cliutil import whole_number
+
 DEFAULT_PROMPT = "What is the capital of France?"
-
-
-def _int(name: str):
-    def parse(text: str) -> int:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got '{text}'") from None
-        if v != v or v in (float("inf"), float("-inf")) or v != int(v):
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got '{text}'")
-        return int(v)
-    return parse
 
 
 def _quiet_libraries() -> None:
@@ -96,11 +85,11 @@ def add_parser(sub) -> None:
                    help="fp32 fp16 bf16 int8 nf4 fp4 nf4-dq hqq1-8, or gguf (the GGUF file as shipped)")
     g.add_argument("--prompt", default=DEFAULT_PROMPT)
     g.add_argument("--system", default=None, help="optional system message")
-    g.add_argument("--max-new-tokens", type=_int("--max-new-tokens"), default=64)
+    g.add_argument("--max-new-tokens", type=whole_number("--max-new-tokens"), default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=_int("--seed"), default=None)
-    g.add_argument("--group-size", type=_int("--group-size"), default=None, help="HQQ group size (default 64)")
+    g.add_argument("--seed", type=whole_number("--seed"), default=None)
+    g.add_argument("--group-size", type=whole_number("--group-size"), default=None, help="HQQ group size (default 64)")
     g.add_argument("--double-quant", action="store_true", help="bitsandbytes 4-bit double quantization")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     g.add_argument("--json", action="store_true", help="print one JSON object (integer bytes, seconds)")
