@@ -7,10 +7,13 @@ embedded model (SmolLM2-135M-Instruct) is loaded once through ``engine.backends.
 the CPU, and two ways of decoding the same prompt tokens are timed on that *same* loaded object:
 
 * **engine**: ``engine.generation.run(loaded, PROMPT, GenerationSettings(max_new_tokens=N))`` (greedy): the
-  backend's streaming path (transformers/HQQ: ``generate`` in a worker thread with the queue streamer,
-  cancel stopping criterion and incremental detokenisation; llama.cpp: token-level ``Llama.generate`` with
-  per-token EOG check and detokenisation), as the app uses it.
-* **raw**: the library alone. transformers / bitsandbytes / HQQ: ``model.generate(**inputs,
+  backend's streaming path as the app uses it -- the decode steps run on the engine's compute thread
+  (transformers/HQQ: the engine's own decode loop, prefill then one cached forward pass per token;
+  llama.cpp: token-level ``Llama.generate``), tokens cross a queue to the consumer, which detokenises them
+  incrementally.
+* **raw**: the library alone, run on the one thread of the process that does torch work (the engine's
+  compute thread, through ``scheduler().call``), as in a single-threaded script. transformers /
+  bitsandbytes / HQQ: ``model.generate(**inputs,
   max_new_tokens=N, min_new_tokens=N, do_sample=False)`` on the chat-template tokens the engine builds;
   llama.cpp: ``Llama.generate(tokens, temp=0.0, repeat_penalty=1.0, reset=True)`` on the tokens the engine
   builds (same template, same tokenisation), stopped after N tokens.
@@ -26,9 +29,10 @@ taken when the consumer of ``run()`` receives each event, i.e. what a UI sees); 
 The engine does not force a minimum length (EOS ends a run), so the prompt asks for a long text and the
 script checks that every engine run reached N tokens (finish_reason ``length``) and that its greedy tokens
 equal the raw call's. Repetitions are interleaved (raw, engine, raw, engine, ...) after one untimed warm-up
-of each (8 tokens). For the transformers paths a third, informational figure is taken in each repetition:
-the same raw ``generate`` run in a fresh ``threading.Thread`` (as the engine runs it), which separates the
-cost of generating off the main thread from the cost of the engine's streaming machinery. Pass: median engine tok/s / median raw tok/s >= 0.97 for every backend. Exits 1 otherwise.
+of each (8 tokens). Nothing runs torch work on the main thread: a second thread doing so keeps a second
+OpenMP pool for the rest of the process and slows every later run, raw and engine alike (the effect the
+engine's single compute thread avoids, :mod:`engine.compute`). Pass: median engine tok/s / median raw
+tok/s >= 0.97 for every backend. Exits 1 otherwise.
 """
 from __future__ import annotations
 
@@ -38,7 +42,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +53,7 @@ warnings.filterwarnings("ignore")
 logging.disable(logging.WARNING)
 
 from engine.backends import backend_of, load  # noqa: E402
+from engine.compute import scheduler  # noqa: E402
 from engine.backends.base import GenerationSettings, TokenEvent, to_messages  # noqa: E402
 from engine.generation import RunMetrics, run  # noqa: E402
 
@@ -138,13 +142,9 @@ def llama_raw(loaded, settings: GenerationSettings, n: int):
     return once, len(tokens)
 
 
-def in_thread(fn):
-    """``fn()`` run in a fresh thread, as the engine runs ``generate`` (diagnostic: the threading cost alone)."""
-    out: list = []
-    th = threading.Thread(target=lambda: out.append(fn()), name="raw-in-thread")
-    th.start()
-    th.join()
-    return out[0]
+def on_compute_thread(fn):
+    """``fn()`` on the engine's compute thread: the process's only torch thread, like a plain script."""
+    return scheduler().call(fn)
 
 
 def engine_once(loaded, settings: GenerationSettings):
@@ -168,16 +168,13 @@ def bench(method: str, n: int, reps: int) -> dict:
     loaded = load("embedded", method, "cpu")
     try:
         raw_fn, prompt_tokens = (llama_raw if loaded.backend == "llama.cpp" else hf_raw)(loaded, settings, n)
-        raw_fn(WARMUP_TOKENS)  # warm-up (untimed, short)
+        on_compute_thread(lambda: raw_fn(WARMUP_TOKENS))  # warm-up (untimed, short)
         engine_once(loaded, GenerationSettings(max_new_tokens=WARMUP_TOKENS, temperature=0.0))
-        hf = loaded.backend != "llama.cpp"
-        raw_tps, eng_tps, arr_tps, thr_tps, problems = [], [], [], [], []
+        raw_tps, eng_tps, arr_tps, problems = [], [], [], []
         for _ in range(reps):
-            r_ids, r_t = raw_fn()
+            r_ids, r_t = on_compute_thread(raw_fn)
             e_ids, e_arr, m = engine_once(loaded, settings)
             raw_tps.append(decode_tps(r_t))
-            if hf:  # info only: raw generate in a fresh worker thread, as the engine runs it
-                thr_tps.append(decode_tps(in_thread(raw_fn)[1]))
             eng_tps.append(m.tokens_per_s)
             arr_tps.append(decode_tps(e_arr))
             if m.finish_reason != "length" or m.tokens != n:
@@ -192,8 +189,7 @@ def bench(method: str, n: int, reps: int) -> dict:
         ratio, arr_ratio = eng_med / raw_med, arr_med / raw_med
         return dict(method=method, label=loaded.method, backend=loaded.backend, prompt_tokens=prompt_tokens,
                     load_s=loaded.load_s, raw=raw_tps, engine=eng_tps, arrival=arr_tps, raw_med=raw_med,
-                    eng_med=eng_med, arr_med=arr_med, thread=thr_tps,
-                    thr_med=statistics.median(thr_tps) if thr_tps else None, ratio=ratio, arr_ratio=arr_ratio,
+                    eng_med=eng_med, arr_med=arr_med, ratio=ratio, arr_ratio=arr_ratio,
                     ok=min(ratio, arr_ratio) >= TARGET and not problems, problems=sorted(set(problems)))
     finally:
         backend_of(loaded).unload(loaded)
@@ -235,15 +231,13 @@ def main() -> int:
         rows.append(r)
         print(f"{r['label']:6} ({r['backend']}, prompt {r['prompt_tokens']} tok, load {r['load_s']:.1f} s, "
               f"{time.perf_counter() - t0:.0f} s): raw {', '.join(f'{x:.1f}' for x in r['raw'])} | engine "
-              f"{', '.join(f'{x:.1f}' for x in r['engine'])} | arrival {', '.join(f'{x:.1f}' for x in r['arrival'])}"
-              + (f" | raw in thread {', '.join(f'{x:.1f}' for x in r['thread'])}" if r['thread'] else ""),
+              f"{', '.join(f'{x:.1f}' for x in r['engine'])} | arrival {', '.join(f'{x:.1f}' for x in r['arrival'])}",
               flush=True)
-    print(f"\n| backend | raw tok/s | engine tok/s | engine/raw | arrival tok/s | arrival/raw | result | raw in a thread (info) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| backend | raw tok/s | engine tok/s | engine/raw | arrival tok/s | arrival/raw | result |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['label']} ({r['backend']}) | {r['raw_med']:.1f} | {r['eng_med']:.1f} | {r['ratio']:.3f} | "
-              f"{r['arr_med']:.1f} | {r['arr_ratio']:.3f} | {'PASS' if r['ok'] else 'FAIL'} | "
-              + (f"{r['thr_med']:.1f} ({r['thr_med'] / r['raw_med']:.3f})" if r['thr_med'] else "-") + " |")
+              f"{r['arr_med']:.1f} | {r['arr_ratio']:.3f} | {'PASS' if r['ok'] else 'FAIL'} |")
         for p in r["problems"]:
             print(f"    {r['label']}: {p}")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")

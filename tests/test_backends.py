@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from engine import embedded  # noqa: E402
+from engine.compute import scheduler  # noqa: E402
 from engine.backends import availability, backend_for, backend_of, load, parse_load_method  # noqa: E402
 from engine.backends.base import GenerationSettings, LoadedModel, TokenEvent  # noqa: E402
 from engine.errors import BackendUnavailableError, InputError, QuantScopeError  # noqa: E402
@@ -161,9 +162,7 @@ def test_cancel_event_stops_the_run(models, method):
             t_cancel = time.perf_counter()
     assert stream.finish_reason == "cancelled"
     assert n <= 5, f"{n} tokens after cancelling at 2"
-    if stream.thread is not None:
-        stream.thread.join(5)
-        assert not stream.thread.is_alive()
+    assert stream.finished.wait(5)  # no step of the run happens after this
     # and through generation.run: the metrics still come, saying it was cancelled
     cancel2 = threading.Event()
     got = []
@@ -183,8 +182,65 @@ def test_consumer_disconnect_ends_the_worker(models):
             break
     stream.close()  # what a dropped client / garbage collection does
     assert stream.finish_reason == "cancelled"
-    stream.thread.join(5)
-    assert not stream.thread.is_alive()
+    assert stream.finished.is_set()
+    assert scheduler().active() == 0  # the run left the compute thread
+
+
+@pytest.mark.parametrize("method", ["bf16", "nf4"])
+def test_greedy_decode_loop_matches_generate(models, method):
+    """The engine's own decode loop gives exactly the tokens of model.generate(do_sample=False)."""
+    lm = models(method)
+    events, m, _ = collect(lm, STORY, GenerationSettings(max_new_tokens=20))
+    ids = [e.token_id for e in events if e.token_id is not None]
+    enc = lm.tokenizer.apply_chat_template([{"role": "user", "content": STORY}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = lm.model.generate(**enc, max_new_tokens=20, do_sample=False)
+    assert ids == out[0, enc["input_ids"].shape[1]:].tolist()
+    assert m.prompt_tokens == enc["input_ids"].shape[1]
+
+
+def test_two_runs_stream_together(models):
+    """Two runs started at once (two panes, or two users) advance in turn on the compute thread: each one's
+    first token arrives before the other one ends."""
+    a, b = models("bf16"), models("gguf")
+    out = {}
+
+    def consume(tag, lm):
+        out[tag] = [(e.t, e.token_id) for e in backend_of(lm).stream(lm, STORY, GenerationSettings(max_new_tokens=16))
+                    if e.token_id is not None]
+
+    threads = [threading.Thread(target=consume, args=(t, lm)) for t, lm in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(out["a"]) == 16 and len(out["b"]) == 16
+    first_a, last_a = out["a"][0][0], out["a"][-1][0]
+    first_b, last_b = out["b"][0][0], out["b"][-1][0]
+    assert first_a < last_b and first_b < last_a
+
+
+def test_sampling_filters():
+    """top-k 1 and a tiny top-p are greedy; a seeded generator repeats itself; temperature spreads choices."""
+    from engine.backends.decode import new_generator, pick_token
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 500)
+    best = int(logits.argmax())
+    for s in (GenerationSettings(temperature=1.0, top_k=1), GenerationSettings(temperature=1.0, top_p=1e-6)):
+        assert {int(pick_token(logits, s, new_generator("cpu", i))) for i in range(20)} == {best}
+    s = GenerationSettings(temperature=2.0, top_k=50, seed=3)
+    draws = [int(pick_token(logits, s, new_generator("cpu", 3))) for _ in range(3)]
+    assert len(set(draws)) == 1
+    top50 = set(torch.topk(logits, 50).indices[0].tolist())
+    spread = {int(pick_token(logits, s, new_generator("cpu", i))) for i in range(200)}
+    assert spread <= top50 and len(spread) > 10
+    nucleus = GenerationSettings(temperature=1.0, top_p=0.5)
+    probs = logits.softmax(-1)[0]
+    order = probs.argsort(descending=True)
+    keep = set(order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1].tolist())
+    assert {int(pick_token(logits, nucleus, new_generator("cpu", i))) for i in range(300)} <= keep
 
 
 @pytest.mark.parametrize("method", ["bf16", "gguf"])

@@ -153,14 +153,14 @@ class TokenStream:
     """An iterator of :class:`TokenEvent` with what the run learnt on the way.
 
     ``prompt_tokens`` is known once iteration starts; ``finish_reason`` is ``eos``, ``length``,
-    ``cancelled`` or ``error`` once it ends; ``thread`` is the worker thread (None when tokens are produced
-    in the consumer's thread). :meth:`close` (or abandoning the iterator) stops the run and joins the worker.
+    ``cancelled`` or ``error`` once it ends; ``finished`` is set once the backend's work for the run has
+    ended (no step of it runs afterwards). :meth:`close` (or abandoning the iterator) stops the run.
     """
 
     def __init__(self, gen_fn: Callable[["TokenStream"], Iterator[TokenEvent]]):
         self.prompt_tokens: int = 0
         self.finish_reason: Optional[str] = None
-        self.thread: Optional[threading.Thread] = None
+        self.finished = threading.Event()
         self.started: float = time.perf_counter()
         self._gen = gen_fn(self)
 
@@ -171,7 +171,10 @@ class TokenStream:
         return next(self._gen)
 
     def close(self) -> None:
-        self._gen.close()
+        self._gen.close()  # a started run ends through its own finally (which sets ``finished``)
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+        self.finished.set()
 
 
 class Backend(ABC):

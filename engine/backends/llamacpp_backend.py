@@ -5,7 +5,8 @@ is the file's own type (llama.cpp does not re-quantize on load). All layers are 
 (``n_gpu_layers=-1``) when the device is CUDA and the installed llama_cpp build supports offload; otherwise
 everything runs on the CPU and ``info["offload"]`` says why.
 
-Streaming uses the token-level ``Llama.generate`` in the consumer's thread: the prompt is the model's own
+Streaming steps the token-level ``Llama.generate`` on the process's compute thread (:mod:`engine.compute`,
+interleaved with other runs; ggml's CPU threads and PyTorch's share one OpenMP runtime): the prompt is the model's own
 chat template (GGUF ``tokenizer.chat_template``) rendered by llama_cpp's Jinja2 formatter, the KV cache is
 reset before each run (so TTFT always includes the full prefill), the cancel event is checked between
 tokens, and bytes are decoded incrementally so multi-byte characters split across tokens come out whole.
@@ -25,6 +26,7 @@ from typing import Optional
 
 from ..errors import BackendUnavailableError, GenerationError, InputError, ModelLoadError
 from ..specs import QuantSpec, RuntimeSpec
+from ..compute import isolated, scheduler
 from .base import (Backend, GenerationSettings, LoadedModel, Prompt, TokenEvent, TokenStream, check_device,
                    locate, model_spec, to_messages)
 
@@ -109,8 +111,8 @@ class LlamaCppBackend(Backend):
         t0 = time.perf_counter()
         try:
             with _quiet_stderr():
-                llm = llama_cpp.Llama(model_path=str(files.gguf), n_ctx=self.n_ctx, n_gpu_layers=n_gpu_layers,
-                                      verbose=False)
+                llm = isolated(llama_cpp.Llama, model_path=str(files.gguf), n_ctx=self.n_ctx,
+                               n_gpu_layers=n_gpu_layers, verbose=False)
         except Exception as e:  # noqa: BLE001 - ValueError "Failed to load model from file", ...
             raise ModelLoadError(f"llama.cpp could not load {files.gguf.name}: {e}") from e
         load_s = time.perf_counter() - t0
@@ -155,8 +157,9 @@ class LlamaCppBackend(Backend):
             while not loaded.lock.acquire(timeout=0.05):  # one run at a time per Llama
                 if cancelled():
                     ts.finish_reason = "cancelled"
+                    ts.finished.set()
                     return
-            gen = None
+            handle = None
             try:
                 llm = loaded.model
                 if llm is None:
@@ -177,37 +180,45 @@ class LlamaCppBackend(Backend):
                     raise InputError(f"The prompt ({len(tokens)} tokens) plus {settings.max_new_tokens} new tokens "
                                      f"do not fit in the context of {llm.n_ctx()} tokens.")
                 ts.prompt_tokens = len(tokens)
-                if settings.seed is not None:
-                    llm.set_seed(settings.seed)
-                llm.reset()  # no prefix reuse: every run pays its full prefill, so TTFT is comparable
                 if settings.greedy:
                     kw = dict(temp=0.0)
                 else:
                     kw = dict(temp=float(settings.temperature), top_p=float(settings.top_p),
                               top_k=settings.top_k, min_p=0.0)
-                gen = llm.generate(tokens, repeat_penalty=1.0, reset=True, **kw)
+                state: dict = {}
+
+                def steps():  # on the compute thread
+                    if settings.seed is not None:
+                        llm.set_seed(settings.seed)
+                    llm.reset()  # no prefix reuse: every run pays its full prefill, so TTFT is comparable
+                    gen = llm.generate(tokens, repeat_penalty=1.0, reset=True, **kw)
+                    try:
+                        n = 0
+                        for tid in gen:
+                            t = time.perf_counter()
+                            n += 1
+                            eog = bool(llama_cpp.llama_vocab_is_eog(vocab, tid))
+                            yield int(tid), t, eog
+                            if eog:
+                                state["finish"] = "eos"
+                                return
+                            if n >= settings.max_new_tokens:
+                                state["finish"] = "length"
+                                return
+                            if cancelled():
+                                state["finish"] = "cancelled"
+                                return
+                    finally:
+                        gen.close()
+
+                handle = scheduler().stream(steps(), cancel=cancel_event, name=f"llama.cpp:{loaded.method}")
                 dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                n = 0
-                for tid in gen:
-                    t = time.perf_counter()
-                    n += 1
-                    eog = bool(llama_cpp.llama_vocab_is_eog(vocab, tid))
-                    delta = "" if eog else dec.decode(llm.detokenize([tid]))
-                    yield TokenEvent(delta, int(tid), t)
-                    if eog:
-                        ts.finish_reason = "eos"
-                        break
-                    if cancelled():
-                        ts.finish_reason = "cancelled"
-                        break
-                    if n >= settings.max_new_tokens:
-                        ts.finish_reason = "length"
-                        break
+                for tid, t, eog in handle:
+                    yield TokenEvent("" if eog else dec.decode(llm.detokenize([tid])), tid, t)
                 rest = dec.decode(b"", final=True)
                 if rest:
                     yield TokenEvent(rest, None, time.perf_counter())
-                if ts.finish_reason is None:
-                    ts.finish_reason = "length"
+                ts.finish_reason = state.get("finish", "cancelled")
             except (InputError, GenerationError):
                 ts.finish_reason = "error"
                 raise
@@ -217,10 +228,11 @@ class LlamaCppBackend(Backend):
                 ts.finish_reason = "error"
                 raise GenerationError(f"llama.cpp generation failed: {e.__class__.__name__}: {e}") from e
             finally:
-                if gen is not None:
-                    gen.close()
+                if handle is not None:
+                    handle.close()
                 if ts.finish_reason is None:
                     ts.finish_reason = "cancelled"
                 loaded.lock.release()
+                ts.finished.set()
 
         return TokenStream(run)

@@ -1,34 +1,33 @@
 """transformers backends: 16/32-bit models and bitsandbytes LLM.int8 / NF4 / FP4, plus the streaming machinery
 shared with the HQQ backend.
 
-Streaming: the chat template is applied, ``model.generate`` runs in a worker thread with a small streamer
-(:func:`make_streamer`) that pushes each new token id and the time it was produced into a queue, and a
-stopping criterion (:func:`make_cancel_criteria`) that ends generation at the next token once a
-``threading.Event`` is set -- by the caller (stop button, client disconnect) or by the stream itself when
-its consumer closes or abandons it. Text deltas come from incremental detokenisation
-(:class:`IncrementalDecoder`), correct for characters split over several tokens.
+Streaming: the chat template is applied in the caller's thread; the decode loop
+(:func:`engine.backends.decode.decode_steps`: prefill, then one cached forward pass per token) runs on the
+process's compute thread (:mod:`engine.compute`), interleaved with every other run, and stops between two
+tokens when a ``threading.Event`` is set -- by the caller (stop button, client disconnect) -- or when the
+consumer closes or abandons the stream. Text deltas come from incremental detokenisation
+(:class:`IncrementalDecoder`), correct for characters split over several tokens. Loading runs on a
+short-lived thread (:func:`engine.compute.isolated`).
 
 transformers 5 removed ``load_in_8bit=`` / ``load_in_4bit=`` from ``from_pretrained``: bitsandbytes is
 configured through ``quantization_config=BitsAndBytesConfig(...)`` only.
 """
 from __future__ import annotations
 
-import copy
 import logging
-import queue
 import threading
 import time
 from typing import Optional
 
-from ..errors import BackendUnavailableError, GenerationError, InputError, ModelLoadError
+from ..compute import isolated, scheduler
+from ..errors import BackendUnavailableError, GenerationError, InputError, ModelLoadError, QuantScopeError
 from ..specs import QuantSpec
 from .base import (Backend, GenerationSettings, LoadedModel, Prompt, TokenEvent, TokenStream, check_device,
                    locate, model_spec, release_freed_memory, to_messages, torch_dtype)
+from .decode import DecodeState, decode_steps
 from .measure import weight_bytes
 
 log = logging.getLogger(__name__)
-
-JOIN_TIMEOUT_S = 30.0
 
 
 def _import_error(lib: str) -> Optional[str]:
@@ -44,48 +43,6 @@ def _import_error(lib: str) -> Optional[str]:
 # ---------------------------------------------------------------------------------------------
 # Streaming helpers
 # ---------------------------------------------------------------------------------------------
-def _streamer_base():
-    from transformers.generation.streamers import BaseStreamer
-
-    return BaseStreamer
-
-
-def make_streamer(q: "queue.Queue"):
-    """A transformers streamer (``BaseStreamer``, imported lazily) that queues ``("tok", id, t)`` for each
-    generated token; the prompt, which ``generate`` puts first, is skipped."""
-    base = _streamer_base()
-
-    class QueueStreamer(base):
-        def __init__(self):
-            self.prompt_seen = False
-
-        def put(self, value):
-            if not self.prompt_seen:
-                self.prompt_seen = True
-                return
-            t = time.perf_counter()
-            for tid in value.reshape(-1).tolist():
-                q.put(("tok", int(tid), t))
-
-        def end(self):
-            pass
-
-    return QueueStreamer()
-
-
-def make_cancel_criteria(stop: threading.Event, cancel: Optional[threading.Event]):
-    """A StoppingCriteria that is true (for every sequence) once ``stop`` or ``cancel`` is set."""
-    import torch
-    from transformers import StoppingCriteria
-
-    class CancelCriteria(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            flag = stop.is_set() or (cancel is not None and cancel.is_set())
-            return torch.full((input_ids.shape[0],), flag, dtype=torch.bool, device=input_ids.device)
-
-    return CancelCriteria()
-
-
 class IncrementalDecoder:
     """Token ids in, text deltas out. Decodes a short window (``prefix``..end) and emits only once the new
     text no longer ends in an incomplete character (U+FFFD), so multi-byte characters split across tokens
@@ -131,31 +88,10 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _generation_config(model, tokenizer, settings: GenerationSettings, eos: set[int]):
-    gc = copy.deepcopy(model.generation_config)
-    gc.max_new_tokens = settings.max_new_tokens
-    gc.max_length = None
-    gc.min_new_tokens = None
-    gc.num_beams = 1
-    gc.eos_token_id = sorted(eos) if eos else None
-    if gc.pad_token_id is None:
-        gc.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else None)
-    if settings.greedy:
-        gc.do_sample = False
-        gc.temperature = None
-        gc.top_p = None
-        gc.top_k = None
-    else:
-        gc.do_sample = True
-        gc.temperature = float(settings.temperature)
-        gc.top_p = float(settings.top_p)
-        gc.top_k = settings.top_k or None
-    return gc
-
-
 def hf_stream(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings,
               cancel_event: Optional[threading.Event]) -> TokenStream:
-    """Stream from a transformers model (also used by HQQ)."""
+    """Stream from a transformers model (also used by HQQ): the chat template is applied in the caller's
+    thread, the decode steps (:func:`~engine.backends.decode.decode_steps`) run on the compute thread."""
     import torch
 
     if not loaded.loaded:
@@ -170,73 +106,40 @@ def hf_stream(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings,
         except Exception as e:  # noqa: BLE001 - no template, bad roles, ...
             raise GenerationError(f"Could not apply the model's chat template: {e}") from None
         dev = loaded.info.get("input_device", loaded.device)
-        inputs = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        ts.prompt_tokens = int(inputs["input_ids"].shape[1])
+        ts.prompt_tokens = int(enc["input_ids"].shape[1])
         eos = _eos_ids(model, tok)
-        gc = _generation_config(model, tok, settings, eos)
-        q: queue.Queue = queue.Queue()
-        stop = threading.Event()
-        from transformers import StoppingCriteriaList
+        state = DecodeState()
 
-        criteria = StoppingCriteriaList([make_cancel_criteria(stop, cancel_event)])
-        streamer = make_streamer(q)
+        def steps():
+            ids = enc["input_ids"].to(dev)
+            mask = enc["attention_mask"].to(dev) if "attention_mask" in enc else None
+            yield from decode_steps(model, ids, mask, settings, eos, state, cancel_event)
 
-        def work():
-            try:
-                if settings.seed is not None:
-                    torch.manual_seed(settings.seed)
-                    if torch.cuda.is_available():
-                        torch.cuda.manual_seed_all(settings.seed)
-                with torch.inference_mode():
-                    model.generate(**inputs, generation_config=gc, streamer=streamer, stopping_criteria=criteria)
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                q.put(("error", e, time.perf_counter()))
-            finally:
-                q.put(("done", None, time.perf_counter()))
-
-        th = threading.Thread(target=work, name=f"generate-{loaded.backend}", daemon=True)
-        ts.thread = th
+        handle = scheduler().stream(steps(), step_context=torch.inference_mode, cancel=cancel_event,
+                                    name=f"{loaded.backend}:{loaded.method}")
         dec = IncrementalDecoder(tok)
-        n = 0
-        last = None
-        error: Optional[BaseException] = None
-        th.start()
         try:
-            while True:
-                try:
-                    kind, val, t = q.get(timeout=0.05)
-                except queue.Empty:
-                    if cancel_event is not None and cancel_event.is_set():
-                        stop.set()
-                    continue
-                if kind == "tok":
-                    n += 1
-                    last = val
-                    yield TokenEvent(dec.add(val), val, t)
-                elif kind == "error":
-                    error = val
-                elif kind == "done":
-                    break
-            if error is not None:
-                ts.finish_reason = "error"
-                if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
-                    raise GenerationError(f"Ran out of memory while generating with {loaded.method} on "
-                                          f"{loaded.device}. Try fewer new tokens or a smaller format.") from error
-                raise GenerationError(f"Generation failed: {error.__class__.__name__}: {error}") from error
+            for tid, t in handle:
+                yield TokenEvent(dec.add(tid), tid, t)
             rest = dec.flush()
             if rest:
                 yield TokenEvent(rest, None, time.perf_counter())
-            if stop.is_set() or (cancel_event is not None and cancel_event.is_set()):
-                ts.finish_reason = "eos" if last in eos else "cancelled"
-            else:
-                ts.finish_reason = "eos" if last in eos else "length"
+            ts.finish_reason = state.finish_reason or "cancelled"
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            ts.finish_reason = "error"
+            raise GenerationError(f"Ran out of memory while generating with {loaded.method} on "
+                                  f"{loaded.device}. Try fewer new tokens or a smaller format.") from e
+        except QuantScopeError:
+            ts.finish_reason = "error"
+            raise
+        except Exception as e:  # noqa: BLE001 - library errors become one user-facing line
+            ts.finish_reason = "error"
+            raise GenerationError(f"Generation failed: {e.__class__.__name__}: {e}") from e
         finally:
+            handle.close()
             if ts.finish_reason is None:
                 ts.finish_reason = "cancelled"
-            stop.set()
-            th.join(JOIN_TIMEOUT_S)
-            if th.is_alive():  # pragma: no cover - a forward pass longer than the timeout
-                log.warning("generation worker still running %.0f s after it was told to stop", JOIN_TIMEOUT_S)
+            ts.finished.set()
 
     return TokenStream(run)
 
@@ -298,7 +201,7 @@ class HFBackend(Backend):
         t0 = time.perf_counter()
         try:
             tok = AutoTokenizer.from_pretrained(str(files.hf_dir))
-            model, quantize_s, info = self._build(files.hf_dir, quant, device)
+            model, quantize_s, info = isolated(self._build, files.hf_dir, quant, device)
         except (BackendUnavailableError, InputError, ModelLoadError):
             raise
         except (MemoryError, torch.OutOfMemoryError) as e:

@@ -1,0 +1,204 @@
+"""The engine on a CUDA GPU, every backend (``pytest -m gpu``; deselected by default, skipped without CUDA).
+
+No Hub and no weights on the GPU machine: the model is a random-weight checkpoint built from a bundled preset's
+real config (default Llama-3.2-1B: tied embeddings, grouped-query attention; ``QS_GPU_PRESET`` picks another),
+with the embedded model's tokenizer files (``QS_GPU_TOKENIZER`` = a folder holding them, else the embedded
+model's materialised folder). Memory and speed do not depend on weight values; text quality does, so no test
+here reads the text.
+
+Per format (bf16, fp16, nf4, nf4 + double quant, fp4, int8, hqq4, and llama.cpp when its CUDA build is
+installed): the weights measured on the loaded objects within 1% of the calculator, the allocator peak of a
+run above the weights and below the calculator's prediction + 10%, incremental streaming, the engine's greedy
+tokens equal ``model.generate``'s, and cancellation. Then a real CUDA out-of-memory during generation (a
+per-process memory cap) becomes the domain error, frees the model, and the next request succeeds.
+
+Run on the device machine: ``QS_GPU_TOKENIZER=dir python -m pytest -m gpu tests/test_gpu.py``.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+from engine.backends import backend_for, backend_of, load, parse_load_method  # noqa: E402
+from engine.backends.base import GenerationSettings, TokenEvent  # noqa: E402
+from engine.errors import BackendUnavailableError, OutOfMemoryDuringGenerationError  # noqa: E402
+from engine.generation import RunMetrics, run  # noqa: E402
+from engine.memory import estimate  # noqa: E402
+from engine.sources import resolve  # noqa: E402
+
+PRESET = os.environ.get("QS_GPU_PRESET", "meta-llama/Llama-3.2-1B-Instruct")
+STORY = "Write a long story about a dragon who learns to bake bread."
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+METHODS = ["bf16", "fp16", "nf4", "nf4-dq", "fp4", "int8", "hqq4"]
+
+
+def _method(name: str):
+    if name == "nf4-dq":
+        return parse_load_method("nf4", double_quant=True)
+    return parse_load_method(name)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    import transformers as tf
+
+    from engine.sources import PRESETS_DIR, _find_preset
+
+    tok_dir = os.environ.get("QS_GPU_TOKENIZER")
+    if not tok_dir:
+        from engine import embedded
+
+        tok_dir = str(embedded.hf_path())
+    p = _find_preset(PRESET)
+    cfg = json.loads((PRESETS_DIR / p["file"]).read_text())
+    mt = cfg.pop("model_type")
+    ckpt = tmp_path_factory.mktemp("gpu-ckpt")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(mt, **cfg), dtype=torch.bfloat16)
+    m.save_pretrained(ckpt)
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+    for name in TOKENIZER_FILES:
+        if (Path(tok_dir) / name).is_file():
+            shutil.copy2(Path(tok_dir) / name, ckpt / name)
+    assert (ckpt / "tokenizer.json").is_file(), f"no tokenizer.json in {tok_dir}"
+    return str(ckpt)
+
+
+@pytest.fixture
+def loaded(checkpoint, request):
+    quant = _method(request.param)
+    try:
+        backend_for(quant)
+    except BackendUnavailableError as e:
+        pytest.skip(str(e))
+    gc.collect()
+    torch.cuda.empty_cache()
+    lm = load(checkpoint, quant, "cuda")
+    yield lm
+    backend_of(lm).unload(lm)
+    del lm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def collect(lm, settings, cancel=None):
+    events, metrics, arrivals = [], None, []
+    for ev in run(lm, STORY, settings, cancel):
+        arrivals.append(time.perf_counter())
+        if isinstance(ev, RunMetrics):
+            metrics = ev
+        else:
+            events.append(ev)
+    return events, metrics, arrivals
+
+
+@pytest.mark.parametrize("loaded", METHODS, indirect=True)
+def test_load_stream_and_memory_match_the_calculator(loaded, checkpoint):
+    lm = loaded
+    assert lm.device.startswith("cuda") and lm.loaded
+    predicted = estimate(resolve(checkpoint), lm.quant).weights_bytes
+    assert abs(lm.weights_bytes - predicted) <= 0.01 * predicted, (lm.method, lm.weights_bytes, predicted)
+
+    settings = GenerationSettings(max_new_tokens=24, temperature=0.0)
+    collect(lm, GenerationSettings(max_new_tokens=2))  # warm-up (kernels, autotuning)
+    events, m, arrivals = collect(lm, settings)
+    toks = [e for e in events if e.token_id is not None]
+    assert m.tokens == len(toks) and 1 <= m.tokens <= 24
+    assert m.peak_kind.startswith("cuda")
+    assert m.weights_bytes <= m.peak_bytes
+    predicted_run = m.predicted_bytes - m.predicted_overhead_bytes
+    # Measured on an H100: HQQ's default path dequantizes each layer to 16-bit before its matmul, a transient
+    # the calculator does not count yet (+133 MiB on this 1B model, +306 MiB on Llama-3.1-8B): known, checked last.
+    hqq_gap = lm.backend == "hqq" and lm.info.get("hqq_backend") == "pytorch" and m.peak_bytes > 1.10 * predicted_run
+    assert hqq_gap or m.peak_bytes <= 1.10 * predicted_run, (m.peak_bytes, predicted_run)
+    if m.tokens >= 4:  # streaming: the first token reaches us before the last one is made
+        assert arrivals[0] < toks[-1].t
+        assert m.tokens_per_s and m.tokens_per_s > 0
+
+    if lm.backend != "llama.cpp":  # the engine's greedy decode equals model.generate's on the same weights
+        enc = lm.tokenizer.apply_chat_template([{"role": "user", "content": STORY}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        dev = lm.info.get("input_device", lm.device)
+        enc = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        with torch.inference_mode():
+            out = lm.model.generate(**enc, max_new_tokens=m.tokens, min_new_tokens=m.tokens, do_sample=False)
+        ref = out[0, enc["input_ids"].shape[1]:].tolist()
+        ids = [e.token_id for e in toks]
+        # bf16 ties can flip late tokens between two kernel schedules; the first ones must agree
+        assert ids[:8] == ref[:8], (lm.method, ids, ref)
+    if hqq_gap:
+        pytest.xfail(f"HQQ dequantize workspace not in the calculator yet: peak {m.peak_bytes:,} B, "
+                     f"predicted {predicted_run:,} B")
+
+
+@pytest.mark.parametrize("loaded", ["bf16", "nf4"], indirect=True)
+def test_cancel_stops_a_gpu_run(loaded):
+    cancel = threading.Event()
+    got = 0
+    for ev in run(loaded, STORY, GenerationSettings(max_new_tokens=400, temperature=0.0), cancel):
+        if isinstance(ev, TokenEvent) and ev.token_id is not None:
+            got += 1
+            if got == 3:
+                cancel.set()
+        elif isinstance(ev, RunMetrics):
+            assert ev.finish_reason == "cancelled" and 3 <= ev.tokens <= 6
+
+
+def test_llama_cpp_on_gpu_or_says_why():
+    quant = parse_load_method("gguf")
+    try:
+        backend_for(quant)
+    except BackendUnavailableError as e:
+        assert "llama" in str(e)  # the UI shows this reason
+        pytest.skip(str(e))
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("llama-cpp-python here is a CPU build (no CUDA offload)")
+    lm = load("embedded", quant, "cuda")
+    try:
+        _, m, _ = collect(lm, GenerationSettings(max_new_tokens=8))
+        assert m.tokens >= 1 and lm.info.get("n_gpu_layers", 0) != 0
+    finally:
+        backend_of(lm).unload(lm)
+
+
+def test_oom_during_generation_is_a_domain_error_and_the_next_run_works(checkpoint):
+    """A real CUDA OOM: cap this process's allocator just above the loaded weights, then ask for a long prompt."""
+    from engine.manager import ModelManager
+
+    mgr = ModelManager()
+    lm = mgr.get(checkpoint, "bf16", "cuda")
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = (torch.cuda.memory_allocated() + 64 * 2**20) / total
+    long_prompt = "bread " * 6000
+    try:
+        torch.cuda.set_per_process_memory_fraction(cap)
+        with pytest.raises(OutOfMemoryDuringGenerationError) as ei:
+            for _ in mgr.generate(checkpoint, "bf16", long_prompt, GenerationSettings(max_new_tokens=4), device="cuda"):
+                pass
+        assert "out of memory" in str(ei.value).lower() and "/tmp" not in str(ei.value)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert not lm.loaded and len(mgr) == 0  # freed
+    events = list(mgr.generate(checkpoint, "bf16", STORY, GenerationSettings(max_new_tokens=4), device="cuda"))
+    assert isinstance(events[-1], RunMetrics) and events[-1].tokens >= 1
+    mgr.unload_all()
