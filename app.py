@@ -1,22 +1,41 @@
-"""QuantScope entry point: read settings, build the UI, queue().launch()."""
+"""QuantScope entry point: read settings, build the engine services once, build the UI, queue().launch()."""
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
+from typing import Optional
 
 import gradio as gr
 
-from ui import calculator
+from engine.manager import ModelManager
+from ui import calculator, compare
 
 TITLE = "QuantScope — what quantization does to an LLM"
 
 
-def build_app() -> gr.Blocks:
+@dataclass
+class Services:
+    """What the tabs share in this process (one of each, thread-safe): the model cache, and how many
+    generation events (side-by-side runs) may run at once; the rest wait in Gradio's queue."""
+
+    manager: ModelManager = field(default_factory=ModelManager)
+    generation_concurrency: int = 2
+
+
+def services_from_env() -> Services:
+    return Services(generation_concurrency=int(os.environ.get("QUANTSCOPE_GENERATION_CONCURRENCY", "2")))
+
+
+def build_app(services: Optional[Services] = None) -> gr.Blocks:
+    services = services or Services()
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}")
         with gr.Tabs():
             with gr.Tab("Memory calculator", id="calculator"):
                 inputs, outputs = calculator.build_tab()
+            with gr.Tab("Side by side", id="compare"):
+                compare.build_tab(services)
         calculator.on_load(demo, inputs, outputs)
     return demo
 
@@ -24,7 +43,7 @@ def build_app() -> gr.Blocks:
 def main() -> None:
     logging.basicConfig(level=os.environ.get("QUANTSCOPE_LOG_LEVEL", "INFO"))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    demo = build_app()
+    demo = build_app(services_from_env())
     demo.queue(default_concurrency_limit=int(os.environ.get("QUANTSCOPE_CONCURRENCY", "4"))).launch(
         server_name=os.environ.get("QUANTSCOPE_HOST", "127.0.0.1"),
         server_port=int(os.environ.get("QUANTSCOPE_PORT", "7860")),

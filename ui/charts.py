@@ -39,3 +39,30 @@ def memory_bars(rows: list[MemoryEstimate], capacity_bytes: int, capacity_label:
                       legend=dict(orientation="h", y=1.08, x=0), template="plotly_white",
                       title=dict(text="Memory by format (highlighted: your selection)", font_size=14, y=0.99))
     return fig
+
+
+PANE_COLORS = ("#4C78A8", "#F58518", "#54A24B", "#E45756")
+
+
+def kl_lines(series: list[tuple[str, str, list[float], list[str]]]) -> go.Figure:
+    """Per-token KL divergence from pane A along a text: one line per (pane label, which text, KL values, token
+    texts for the hover). Two rows: A's own answer, and the shipped reference text."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.16,
+                        subplot_titles=("On pane A's answer (teacher-forced)", "On the reference text"))
+    letters = sorted({s[0] for s in series})
+    for label, which, kl, toks in series:
+        row = 1 if which == "answer" else 2
+        color = PANE_COLORS["ABCD".index(label[0]) % len(PANE_COLORS)] if label[:1] in "ABCD" else None
+        fig.add_scatter(x=list(range(len(kl))), y=kl, mode="lines", name=label, legendgroup=label,
+                        showlegend=row == 1 or label not in {s[0] for s in series if s[1] == "answer"},
+                        line=dict(color=color, width=1.6), customdata=toks, row=row, col=1,
+                        hovertemplate="token %{x}: %{customdata}<br>KL %{y:.4f} nats<extra>" + label + "</extra>")
+    fig.update_yaxes(title_text="KL (nats)", rangemode="tozero")
+    fig.update_xaxes(title_text="token position", row=2, col=1)
+    fig.update_layout(height=500, margin=dict(l=55, r=20, t=95, b=50), template="plotly_white",
+                      legend=dict(orientation="h", y=1.1, yanchor="bottom", x=1, xanchor="right"),
+                      title=dict(text="Per-token KL from pane A" if letters else "Run a comparison to see per-token KL",
+                                 font_size=14, x=0, y=0.98))
+    return fig

@@ -203,6 +203,20 @@ class Backend(ABC):
                cancel_event: Optional[threading.Event] = None) -> TokenStream:
         """Generate from a chat prompt, token by token; setting ``cancel_event`` stops it between tokens."""
 
+    @abstractmethod
+    def chat_ids(self, loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings) -> list[int]:
+        """The prompt's token ids as a run sees them (chat template applied, generation prompt added)."""
+
+    @abstractmethod
+    def tokenize(self, loaded: LoadedModel, text: str) -> list[int]:
+        """Token ids of plain ``text`` (no chat template, no special tokens added)."""
+
+    @abstractmethod
+    def score(self, loaded: LoadedModel, ids: Sequence[int], start: int) -> "torch.Tensor":
+        """Teacher forcing: log-probabilities (float32, on the CPU) of shape ``[len(ids) - start, vocab]``; row i
+        is the model's next-token distribution after ``ids[:start + i]`` (so it scores ``ids[start + i]``).
+        Runs on the compute thread; ``1 <= start < len(ids)``."""
+
     def runtime_spec(self, loaded: LoadedModel, context_tokens: int) -> RuntimeSpec:
         """The calculator's runtime for a run that ended with ``context_tokens`` tokens in context."""
         dev = "cuda" if loaded.device.startswith("cuda") else "cpu"

@@ -62,6 +62,22 @@ def file_type(llm) -> Optional[str]:
         return None
 
 
+def _chat_tokens(llm, messages: list[dict]) -> list[int]:
+    """The chat prompt's tokens, formatted with the GGUF file's own template."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise GenerationError("This GGUF file has no chat template, so chat prompts cannot be formatted.")
+
+    def piece(tid: Optional[int]) -> str:
+        return "" if tid is None or tid < 0 else llm.detokenize([tid], special=True).decode("utf-8", "replace")
+
+    fmt = Jinja2ChatFormatter(template=template, eos_token=piece(llm.token_eos()), bos_token=piece(llm.token_bos()))
+    text = fmt(messages=messages).prompt
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+
+
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
     label = "llama.cpp"
@@ -141,10 +157,53 @@ class LlamaCppBackend(Backend):
                 with contextlib.suppress(Exception):
                     llm.close()
 
+    def _llm(self, loaded: LoadedModel):
+        llm = loaded.model
+        if llm is None:
+            raise InputError("This model has been unloaded; load it again.")
+        return llm
+
+    def chat_ids(self, loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings) -> list[int]:
+        messages = to_messages(prompt, settings)
+        with loaded.lock:
+            return _chat_tokens(self._llm(loaded), messages)
+
+    def tokenize(self, loaded: LoadedModel, text: str) -> list[int]:
+        with loaded.lock:
+            return list(self._llm(loaded).tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def score(self, loaded: LoadedModel, ids, start: int):
+        """llama-cpp-python keeps every position's logits only when the model was created with
+        ``logits_all=True`` (which costs n_ctx x vocab floats); we evaluate the context once, then one token at a
+        time, reading the last position's logits after each step."""
+        import numpy as np
+        import torch
+
+        ids = [int(i) for i in ids]
+        if not 1 <= start < len(ids):
+            raise InputError(f"Nothing to score: start {start} with {len(ids)} tokens.")
+        with loaded.lock:
+            llm = self._llm(loaded)
+            if len(ids) > llm.n_ctx():
+                raise InputError(f"{len(ids)} tokens do not fit in the context of {llm.n_ctx()} tokens.")
+
+            def run():
+                n_vocab = llm.n_vocab()
+                rows = np.empty((len(ids) - start, n_vocab), dtype=np.float32)
+                llm.reset()
+                llm.eval(ids[:start])
+                for i in range(start, len(ids)):
+                    rows[i - start] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+                    if i + 1 < len(ids):
+                        llm.eval([ids[i]])
+                llm.reset()
+                return torch.log_softmax(torch.from_numpy(rows), dim=-1)
+
+            return scheduler().call(run)
+
     def stream(self, loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = GenerationSettings(),
                cancel_event: Optional[threading.Event] = None) -> TokenStream:
         import llama_cpp
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         if not loaded.loaded:
             raise InputError("This model has been unloaded; load it again.")
@@ -164,18 +223,8 @@ class LlamaCppBackend(Backend):
                 llm = loaded.model
                 if llm is None:
                     raise InputError("This model has been unloaded; load it again.")
-                template = llm.metadata.get("tokenizer.chat_template")
-                if not template:
-                    raise GenerationError("This GGUF file has no chat template, so chat prompts cannot be formatted.")
                 vocab = llm._model.vocab
-
-                def piece(tid: Optional[int]) -> str:
-                    return "" if tid is None or tid < 0 else llm.detokenize([tid], special=True).decode("utf-8", "replace")
-
-                fmt = Jinja2ChatFormatter(template=template, eos_token=piece(llm.token_eos()),
-                                          bos_token=piece(llm.token_bos()))
-                text = fmt(messages=messages).prompt
-                tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+                tokens = _chat_tokens(llm, messages)
                 if len(tokens) + settings.max_new_tokens > llm.n_ctx():
                     raise InputError(f"The prompt ({len(tokens)} tokens) plus {settings.max_new_tokens} new tokens "
                                      f"do not fit in the context of {llm.n_ctx()} tokens.")

@@ -88,6 +88,14 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+# transformers' from_pretrained flips process-wide switches while it builds a model (the default dtype, the
+# patched ``torch.nn.init`` functions of ``no_init_weights``, meta-device contexts). Two loads at once — two
+# panes, two users — were seen to corrupt each other: a bf16 model loaded next to an NF4 and an HQQ one
+# produced NaN logits. Loads of the transformers-based backends therefore run one at a time (load time is
+# counted from the moment the lock is taken).
+_LOAD_LOCK = threading.Lock()
+
+
 def hf_stream(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings,
               cancel_event: Optional[threading.Event]) -> TokenStream:
     """Stream from a transformers model (also used by HQQ): the chat template is applied in the caller's
@@ -198,10 +206,11 @@ class HFBackend(Backend):
 
         device = self._check(quant, device)
         files = locate(ref, "hf")
-        t0 = time.perf_counter()
         try:
-            tok = AutoTokenizer.from_pretrained(str(files.hf_dir))
-            model, quantize_s, info = isolated(self._build, files.hf_dir, quant, device)
+            with _LOAD_LOCK:  # from_pretrained is not thread-safe (see _LOAD_LOCK)
+                t0 = time.perf_counter()
+                tok = AutoTokenizer.from_pretrained(str(files.hf_dir))
+                model, quantize_s, info = isolated(self._build, files.hf_dir, quant, device)
         except (BackendUnavailableError, InputError, ModelLoadError):
             raise
         except (MemoryError, torch.OutOfMemoryError) as e:
@@ -220,6 +229,47 @@ class HFBackend(Backend):
     def stream(self, loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = GenerationSettings(),
                cancel_event: Optional[threading.Event] = None) -> TokenStream:
         return hf_stream(loaded, prompt, settings, cancel_event)
+
+    def chat_ids(self, loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings) -> list[int]:
+        if not loaded.loaded:
+            raise InputError("This model has been unloaded; load it again.")
+        try:
+            enc = loaded.tokenizer.apply_chat_template(to_messages(prompt, settings), add_generation_prompt=True,
+                                                       return_dict=True)
+        except QuantScopeError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise GenerationError(f"Could not apply the model's chat template: {e}") from None
+        return list(enc["input_ids"])
+
+    def tokenize(self, loaded: LoadedModel, text: str) -> list[int]:
+        return list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def score(self, loaded: LoadedModel, ids, start: int):
+        import torch
+
+        ids = [int(i) for i in ids]
+        if not 1 <= start < len(ids):
+            raise InputError(f"Nothing to score: start {start} with {len(ids)} tokens.")
+        model = loaded.model
+        if model is None:
+            raise InputError("This model has been unloaded; load it again.")
+        dev = loaded.info.get("input_device", loaded.device)
+        keep = len(ids) - start + 1  # the positions start-1 .. len-1; the last one predicts past the text
+
+        def forward():
+            with torch.inference_mode():
+                x = torch.tensor([ids], device=dev)
+                try:
+                    logits = model(input_ids=x, use_cache=False, logits_to_keep=keep).logits
+                except TypeError:  # a model class without logits_to_keep
+                    logits = model(input_ids=x, use_cache=False).logits[:, -keep:]
+                return torch.log_softmax(logits[0, :-1].float(), dim=-1).cpu()
+
+        try:
+            return scheduler().call(forward)
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            raise GenerationError(f"Ran out of memory while scoring {len(ids)} tokens with {loaded.method}.") from e
 
 
 class TransformersBackend(HFBackend):
