@@ -9,7 +9,7 @@ from typing import Optional
 import gradio as gr
 
 from engine.manager import ModelManager
-from ui import calculator, compare
+from ui import calculator, compare, monitor
 
 TITLE = "QuantScope — what quantization does to an LLM"
 
@@ -31,12 +31,15 @@ def build_app(services: Optional[Services] = None) -> gr.Blocks:
     services = services or Services()
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}")
+        status = monitor.build_status()
         with gr.Tabs():
-            with gr.Tab("Memory calculator", id="calculator"):
+            with gr.Tab("Memory calculator", id="calculator") as calc_tab:
                 inputs, outputs = calculator.build_tab()
-            with gr.Tab("Side by side", id="compare"):
+            with gr.Tab("Side by side", id="compare") as compare_tab:
                 compare.build_tab(services)
+                panel = monitor.build_panel()
         calculator.on_load(demo, inputs, outputs)
+        monitor.wire(demo, status, panel, compare_tab, [calc_tab])
     return demo
 
 

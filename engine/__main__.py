@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine <verb>``. Verbs: estimate, generate, embedded-path."""
+"""Command line: ``python -m engine <verb>``. Verbs: estimate, generate, embedded-path, monitor."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=_estimate)
     from . import cli_generate  # generate, embedded-path
     cli_generate.add_parser(sub)
+    from . import cli_monitor  # monitor
+    cli_monitor.add_parser(sub)
     args = p.parse_args(argv)
     try:
         return args.func(args)

@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Union
 from .backends import backend_of
 from .backends.base import GenerationSettings, LoadedModel, Prompt, TokenEvent
 from .errors import QuantScopeError
+from .monitor import mark
 
 
 @dataclass
@@ -207,9 +208,11 @@ def run(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = Gene
     backend = backend_of(loaded)
     parts: list[str] = []
     times: list[float] = []
+    label = f"{loaded.method} on {loaded.device}"
     with PeakMemory(loaded.device, loaded.backend) as peak:
         t0 = time.perf_counter()
         stream = backend.stream(loaded, prompt, settings, cancel_event)
+        mark("generate_start", label)
         try:
             for ev in stream:
                 parts.append(ev.text)
@@ -218,6 +221,7 @@ def run(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = Gene
                 yield ev
         finally:
             stream.close()
+            mark("generate_stop", label)
         t_end = time.perf_counter()
     n = len(times)
     ttft = times[0] - t0 if n else None

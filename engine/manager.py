@@ -35,6 +35,7 @@ from typing import Any, Iterator, Optional, Union
 
 from .backends import backend_for, backend_of, parse_load_method
 from .backends.base import GenerationSettings, LoadedModel, Prompt, check_device, is_embedded, locate, model_spec
+from .monitor import mark
 from .errors import DoesNotFitError, InputError, OutOfMemoryDuringGenerationError, QuantScopeError
 from .memory import GiB, OVERHEAD_BYTES, estimate as calc_estimate
 from .specs import QuantSpec, RuntimeSpec
@@ -322,7 +323,10 @@ class ModelManager:
         for k, v in key.settings:
             setattr(backend, k, v)
         log.info("loading %s", key.describe())
-        return backend.load(key.ref, key.quant, key.device)
+        mark("load_start", key.describe())
+        loaded = backend.load(key.ref, key.quant, key.device)
+        mark("load", key.describe())
+        return loaded
 
     def _make_room(self, key: ModelKey, need: FitEstimate) -> list[_Entry]:
         """Under the lock: pick LRU idle models of the same pool to evict so ``need`` fits, take them out of
@@ -371,6 +375,7 @@ class ModelManager:
     # ------------------------------------------------------------------ unload
     def _free(self, entry: _Entry) -> None:
         loaded = entry.loaded
+        mark("unload", entry.key.describe())
         try:
             backend_of(loaded).unload(loaded)  # drops model + tokenizer, gc, empty_cache, malloc_trim
         except Exception:  # noqa: BLE001 - freeing must not fail the caller

@@ -66,3 +66,56 @@ def kl_lines(series: list[tuple[str, str, list[float], list[str]]]) -> go.Figure
                       title=dict(text="Per-token KL from pane A" if letters else "Run a comparison to see per-token KL",
                                  font_size=14, x=0, y=0.98))
     return fig
+
+
+EVENT_STYLE = {"load": ("#2ca02c", "loaded"), "unload": ("#7f7f7f", "unloaded"),
+               "generate_start": ("#1f77b4", "generation start"), "generate_stop": ("#9467bd", "generation stop"),
+               "load_start": ("#bcbd22", "loading")}
+
+
+def monitor_figures(snaps: list, events: list, now: float):
+    """(memory figure, activity figure) from monitor snapshots and engine events; x = seconds before now."""
+    mem, act = go.Figure(), go.Figure()
+    xs = [s.t - now for s in snaps]
+    gpu_ids = sorted({g.index for s in snaps for g in s.gpus if g.error is None})
+    if gpu_ids:
+        for i in gpu_ids:
+            g_at = [next((g for g in s.gpus if g.index == i), None) for s in snaps]
+            name = next((g.name for g in g_at if g is not None), f"GPU {i}")
+            mem.add_scatter(x=xs, y=[None if g is None or g.memory_used is None else g.memory_used / GiB for g in g_at],
+                            mode="lines", name=f"GPU {i} used", line=dict(width=2))
+            mine = [None if g is None else next((p.used_bytes / GiB for p in g.processes
+                                                 if p.this_process and p.used_bytes is not None), None) for g in g_at]
+            if any(v is not None for v in mine):
+                mem.add_scatter(x=xs, y=mine, mode="lines", name=f"GPU {i}: this app", line=dict(dash="dot"))
+            total = next((g.memory_total for g in reversed(g_at) if g is not None and g.memory_total), None)
+            if total:
+                mem.add_hline(y=total / GiB, line_dash="dash", line_color="#D62728",
+                              annotation_text=f"{name}: {total / GiB:.0f} GiB", annotation_position="top left")
+            act.add_scatter(x=xs, y=[None if g is None else g.utilization for g in g_at], mode="lines",
+                            name=f"GPU {i} util %")
+            act.add_scatter(x=xs, y=[None if g is None else g.power_w for g in g_at], mode="lines",
+                            name=f"GPU {i} power W", yaxis="y2", line=dict(dash="dot"))
+        mem_title, act_title = "GPU memory (GiB)", "GPU utilisation (%) and power (W)"
+    else:
+        mem.add_scatter(x=xs, y=[None if s.host.ram_used is None else s.host.ram_used / GiB for s in snaps],
+                        mode="lines", name="RAM used (host)")
+        mem.add_scatter(x=xs, y=[None if s.host.process_rss is None else s.host.process_rss / GiB for s in snaps],
+                        mode="lines", name="this app (RSS)")
+        act.add_scatter(x=xs, y=[s.host.cpu_percent for s in snaps], mode="lines", name="CPU %")
+        why = snaps[-1].nvml if snaps else ""
+        mem_title = f"Memory (GiB) — CPU only: {why}" if why else "Memory (GiB)"
+        act_title = "CPU utilisation (%)"
+    for e in events:
+        color, text = EVENT_STYLE.get(e.kind, ("#999", e.kind))
+        mem.add_vline(x=e.t - now, line_color=color, line_width=1, opacity=0.7)
+        mem.add_scatter(x=[e.t - now], y=[0], mode="markers", marker=dict(color=color, size=8, symbol="triangle-up"),
+                        showlegend=False, hovertemplate=f"{text}: {e.label}<extra></extra>")
+    for fig, title in ((mem, mem_title), (act, act_title)):
+        fig.update_layout(height=260, margin=dict(l=45, r=45, t=35, b=35), template="plotly_white",
+                          title=dict(text=title, font_size=13, x=0), legend=dict(orientation="h", y=-0.25),
+                          xaxis=dict(title=None, ticksuffix=" s", range=[min(xs + [-60]), 0]),
+                          yaxis=dict(rangemode="tozero"))
+    act.update_layout(yaxis=dict(range=[0, 105]),
+                      yaxis2=dict(overlaying="y", side="right", rangemode="tozero", showgrid=False))
+    return mem, act

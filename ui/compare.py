@@ -248,22 +248,22 @@ def build_tab(services) -> None:
         run = gr.Button("Compare", variant="primary", elem_id="cmp-run")
         stop = gr.Button("Stop", variant="stop", elem_id="cmp-stop")
     status = gr.Markdown(elem_id="cmp-status")
-    headers, boxes = [], []
+    headers, boxes, columns = [], [], []
     with gr.Row(equal_height=False):
-        for letter in "ABCD":
-            with gr.Column(min_width=240):
+        for i, letter in enumerate("ABCD"):
+            with gr.Column(min_width=240, visible=DEFAULT_PANES[i] != OFF) as col:
+                columns.append(col)
                 headers.append(gr.Markdown(elem_id=f"cmp-head-{letter.lower()}"))
                 boxes.append(gr.HighlightedText(label=f"Pane {letter}", show_inline_category=False,
                                                 color_map={FIRST_LABEL: "#e45756", DIFF_LABEL: "#f8c8c8"},
                                                 show_legend=letter != "A", combine_adjacent=True,
                                                 adjacent_separator="", elem_id=f"cmp-text-{letter.lower()}"))
     table = gr.Markdown(elem_id="cmp-quality")
-    chart = gr.Plot(show_label=False, elem_id="cmp-chart")
+    chart = gr.Plot(kl_lines([]), show_label=False, elem_id="cmp-chart")
     with gr.Accordion("All numbers (JSON)", open=False):
         raw = gr.JSON(label="Comparison")
-    gr.Markdown("Live GPU/CPU charts are not on this tab yet; each pane shows its own run's measurements. Peak "
-                "memory is the whole process's (all panes share it); the calculator's prediction is for that "
-                "pane's model alone.")
+    gr.Markdown("Peak memory in a pane header is the whole process's (all panes share it); the calculator's "
+                "prediction is for that pane's model alone.")
 
     inputs = [model, prompt] + pane_inputs + [max_new, temperature, seed]
     outputs = [status] + headers + boxes + [table, chart, raw]
@@ -275,3 +275,5 @@ def build_tab(services) -> None:
                         concurrency_id="generation")
     stop.click(None, None, None, cancels=[ev, ev2], api_name=False)
     preset.change(apply_preset, preset, pane_inputs, api_name=False)
+    for dd, col in zip(pane_inputs[1:], columns[1:]):  # a pane that is off takes no room
+        dd.change(lambda v: gr.Column(visible=v not in (None, "", OFF)), dd, col, api_name=False, queue=False)
