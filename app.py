@@ -9,7 +9,7 @@ from typing import Optional
 import gradio as gr
 
 from engine.manager import ModelManager
-from ui import calculator, compare, monitor
+from ui import builder, calculator, compare, monitor
 
 TITLE = "QuantScope — what quantization does to an LLM"
 
@@ -32,14 +32,18 @@ def build_app(services: Optional[Services] = None) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}")
         status = monitor.build_status()
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Memory calculator", id="calculator") as calc_tab:
                 inputs, outputs = calculator.build_tab()
             with gr.Tab("Side by side", id="compare") as compare_tab:
-                compare.build_tab(services)
+                cmp = compare.build_tab(services)
                 panel = monitor.build_panel()
+            with gr.Tab("Config builder", id="builder") as builder_tab:
+                cfg = builder.build_tab()
         calculator.on_load(demo, inputs, outputs)
-        monitor.wire(demo, status, panel, compare_tab, [calc_tab])
+        builder.on_load(demo, cfg)
+        cfg["open"].click(builder.open_in_compare, cfg["engine_format"], [tabs] + cmp["panes"], api_name=False)
+        monitor.wire(demo, status, panel, compare_tab, [calc_tab, builder_tab])
     return demo
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine <verb>``. Verbs: estimate, generate, embedded-path, monitor."""
+"""Command line: ``python -m engine <verb>``. Verbs: estimate, generate, embedded-path, monitor, config."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     cli_generate.add_parser(sub)
     from . import cli_monitor  # monitor
     cli_monitor.add_parser(sub)
+    from . import cli_config  # config
+    cli_config.add_parser(sub)
     args = p.parse_args(argv)
     try:
         return args.func(args)

@@ -275,5 +275,7 @@ def build_tab(services) -> None:
                         concurrency_id="generation")
     stop.click(None, None, None, cancels=[ev, ev2], api_name=False)
     preset.change(apply_preset, preset, pane_inputs, api_name=False)
+    parts = {"panes": pane_inputs}
     for dd, col in zip(pane_inputs[1:], columns[1:]):  # a pane that is off takes no room
         dd.change(lambda v: gr.Column(visible=v not in (None, "", OFF)), dd, col, api_name=False, queue=False)
+    return parts
