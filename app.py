@@ -9,6 +9,7 @@ from typing import Optional
 import gradio as gr
 
 from engine.manager import ModelManager
+from engine.policy import host_policy
 from ui import builder, calculator, compare, monitor
 
 TITLE = "QuantScope — what quantization does to an LLM"
@@ -24,7 +25,7 @@ class Services:
 
 
 def services_from_env() -> Services:
-    return Services(generation_concurrency=int(os.environ.get("QUANTSCOPE_GENERATION_CONCURRENCY", "2")))
+    return Services(generation_concurrency=host_policy().generation_concurrency)
 
 
 def build_app(services: Optional[Services] = None) -> gr.Blocks:
@@ -50,7 +51,11 @@ def build_app(services: Optional[Services] = None) -> gr.Blocks:
 def main() -> None:
     logging.basicConfig(level=os.environ.get("QUANTSCOPE_LOG_LEVEL", "INFO"))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    demo = build_app(services_from_env())
+    try:
+        services = services_from_env()
+    except ValueError as e:  # a bad QUANTSCOPE_* variable: one line, no traceback
+        raise SystemExit(f"QuantScope host settings: {e}") from None
+    demo = build_app(services)
     demo.queue(default_concurrency_limit=int(os.environ.get("QUANTSCOPE_CONCURRENCY", "4"))).launch(
         server_name=os.environ.get("QUANTSCOPE_HOST", "127.0.0.1"),
         server_port=int(os.environ.get("QUANTSCOPE_PORT", "7860")),

@@ -13,6 +13,7 @@ import gradio as gr
 
 from engine.codegen import AWQ_FORMATS, DTYPES, GGUF_TYPES, LABELS, METHODS, STORAGE, ConfigChoice, build
 from engine.errors import QuantScopeError
+from engine.policy import host_policy
 from engine.hardware import hardware_choices
 from engine.recommend import GOALS, PRIORITIES, recommend
 from engine.sources import preset_choices
@@ -62,6 +63,7 @@ def estimate_md(c: ConfigChoice, hardware: str, context: int) -> str:
     mode = {"qlora": "qlora", "lora": "lora"}.get(c.method, "inference")
     gs = c.group_size if c.method in ("hqq", "gptq", "awq") else None
     try:
+        host_policy().check_model(c.model)
         r = report(Selection(model=c.model, method=calculator_method(c), group_size=gs,
                              double_quant=c.double_quant if c.method in ("bnb4", "qlora") else False, context=context,
                              mode=mode, hardware=hardware, lora_rank=c.lora_r), compare=False)
@@ -103,6 +105,7 @@ def recommend_choice(goal: str = "inference", hardware: str = "nvidia-t4", prior
                      model: str = D.model, context: float = 2048):
     """Guided choice: the recommendation text plus every form value it sets (method first)."""
     try:
+        host_policy().check_model(model)
         r = recommend(goal, hardware, priority, model, _int(context, "context"))
     except QuantScopeError as e:
         return [f"⚠️ {e}"] + [gr.update() for _ in FORM]

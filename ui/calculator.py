@@ -8,6 +8,7 @@ from dataclasses import asdict, fields
 import gradio as gr
 
 from engine.errors import QuantScopeError
+from engine.policy import host_policy
 from engine.hardware import hardware_choices
 from engine.report import Selection, build, explain
 from engine.sources import preset_choices
@@ -60,6 +61,7 @@ def estimate(model: str = D.model, method: str = D.method, group_size: float = 0
                     overhead_mib=None if default_overhead else overhead_mib)
     share = json.dumps(asdict(sel))
     try:
+        host_policy().check_model(sel.model)
         r = build(sel)
     except QuantScopeError as e:
         return f"### <span style='color:#cf222e'>Input problem:</span> {e}", None, "", share

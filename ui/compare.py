@@ -17,6 +17,7 @@ import gradio as gr
 from engine.backends.base import GenerationSettings
 from engine.compare import MAX_PANES, OFF, PANE_CHOICES, CompareState, PaneState, run_compare
 from engine.errors import QuantScopeError
+from engine.policy import host_policy
 from engine.quality import token_agreement
 from engine.units import MiB
 from ui.charts import kl_lines
@@ -189,8 +190,12 @@ def compare(manager, model: str = "embedded", prompt: str = DEFAULT_PROMPT, pane
         if pane_a in (None, "", OFF):
             yield message_only("Pane A is the baseline: choose a format for it (bf16 is the usual one).")
             return
-        stream = run_compare(manager, (model or "embedded").strip(), [pane_a, pane_b, pane_c, pane_d], prompt or "",
-                             settings, cancel=cancel)
+        policy = host_policy()
+        ref = policy.check_model((model or "embedded").strip())
+        policy.check_formats([pane_a, pane_b, pane_c, pane_d])
+        policy.check_generation(prompt or "", settings.max_new_tokens)
+        stream = run_compare(manager, ref, [pane_a, pane_b, pane_c, pane_d], prompt or "", settings,
+                             cancel=cancel, max_prompt_chars=policy.max_prompt_chars)
         for state in stream:
             yield render(state)
     except QuantScopeError as e:

@@ -282,6 +282,9 @@ def locate(ref: str, kind: str) -> ModelFiles:
             return ModelFiles(ref=ref, gguf=ggufs[0], spec_ref=str(path) if (path / "config.json").is_file() else None)
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"'{path.name}' has no config.json, so it is not a transformers model folder.")
+        from ..policy import _refuse_remote_code
+
+        _refuse_remote_code(path / "config.json", path.name)  # trust_remote_code is never enabled
         return ModelFiles(ref=ref, hf_dir=path, spec_ref=str(path))
     if ref.startswith((".", "/", "~")) or path.suffix.lower() == ".gguf":
         raise ModelNotFoundError(f"No model file or folder at '{ref}'.")
