@@ -88,12 +88,14 @@ class HostPolicy:
         """The reference if this server allows it; else :class:`PolicyError`. Messages never show server paths."""
         if ref is None:
             return ref
-        r = str(ref).strip()
+        from .sources import check_ref, path_exists
+
+        r = check_ref(str(ref).strip())
         if self.allowed_models is not None and r.lower() not in {m.lower() for m in self.allowed_models}:
             raise PolicyError(f"This server only offers these models: {', '.join(sorted(self.allowed_models))}.")
         path = Path(r).expanduser()
-        in_dir = self.models_dir is not None and not path.is_absolute() and (self.models_dir / path).exists()
-        if not (_looks_local(r) or path.exists() or in_dir):
+        in_dir = self.models_dir is not None and not path.is_absolute() and path_exists(self.models_dir / path)
+        if not (_looks_local(r) or path_exists(path) or in_dir):
             return r
         if self.local_paths == "none":
             raise PolicyError("This server does not open local files or folders; pick a preset, 'embedded' or a "

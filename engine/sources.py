@@ -145,13 +145,40 @@ def from_param_count(n: int, label: str) -> ModelSpec:
     return dataclasses.replace(spec, approximate=True, note=note)
 
 
+MAX_REF_CHARS = 512  # longer than any Hub id or sane path
+MAX_NAME_BYTES = 255  # one file or folder name (NAME_MAX on Linux, macOS and Windows filesystems)
+
+
+def check_ref(ref: str) -> str:
+    """``ref`` unchanged, or :class:`InputError` for a reference no filesystem accepts.
+
+    Checked before any path operation: the OS answers over-long names with ENAMETOOLONG and NUL bytes with
+    ValueError, which pathlib's ``exists``/``is_file`` raise instead of answering False.
+    """
+    if len(ref) > MAX_REF_CHARS:
+        raise InputError(f"The model reference is too long ({len(ref):,} characters; {MAX_REF_CHARS} at most). "
+                         "Give a preset, a Hub id (owner/name) or a path.")
+    if "\x00" in ref:
+        raise InputError("The model reference contains a NUL character; remove it.")
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in re.split(r"[/\\]", ref)):
+        raise InputError(f"A file or folder name in the model reference is longer than {MAX_NAME_BYTES} bytes, "
+                         "which no filesystem accepts. Check the path.")
+    return ref
+
+
+def path_exists(path: Path) -> bool:
+    """``path.exists()`` that answers False where the OS refuses the name (too long, bad bytes) instead of raising."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def resolve(ref: str | None) -> ModelSpec:
     """Resolve a model reference (see module docstring). Raises domain errors with user-facing text."""
     if ref is None or not str(ref).strip():
         ref = DEFAULT_MODEL
-    ref = str(ref).strip()
-    if len(ref) > 512:
-        raise InputError("The model reference is too long (512 characters at most).")
+    ref = check_ref(str(ref).strip())
     if ref.lower() == "embedded":
         ref = EMBEDDED_ID
     p = _find_preset(ref)
@@ -162,7 +189,7 @@ def resolve(ref: str | None) -> ModelSpec:
         n = float(m.group(1)) * SCALE[m.group(2).lower()]
         return from_param_count(int(n), f"{ref} (approximate)")
     path = Path(ref).expanduser()
-    if ref.startswith((".", "/", "~")) or ref.endswith(".json") or path.exists():
+    if ref.startswith((".", "/", "~")) or ref.endswith(".json") or path_exists(path):
         cfg = _local_config(path)
         return build_model_spec(cfg, name=path.name if path.is_dir() else path.parent.name or path.name,
                                 source="local")

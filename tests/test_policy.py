@@ -57,6 +57,22 @@ def test_no_local_paths_and_allowed_models():
     assert p.check_model("embedded") == "embedded" and p.check_model("EMBEDDED") == "EMBEDDED"
 
 
+@pytest.mark.parametrize("ref", ["x" * 600, "x" * 300, "./" + "x" * 300, "owner/" + "b" * 300, "~/" + "y" * 260,
+                                 "x" * 300 + ".gguf", "/tmp/a\x00b"])
+@pytest.mark.parametrize("mode", ["any", "none", "models-dir"])
+def test_names_no_filesystem_accepts_are_input_errors(ref, mode, tmp_path):
+    """The OS raises (ENAMETOOLONG, NUL byte) where pathlib's exists() is expected to answer: every entry point
+    must turn that into a message, not an internal error (CI once caught this on the calculator tab)."""
+    from engine.backends.base import locate
+    from engine.errors import InputError
+    from engine.sources import resolve
+
+    p = HostPolicy(local_paths=mode, models_dir=tmp_path if mode == "models-dir" else None)
+    for check in (p.check_model, resolve, lambda r: locate(r, "hf"), lambda r: locate(r, "gguf")):
+        with pytest.raises(InputError, match="too long|longer than 255 bytes|NUL character"):
+            check(ref)
+
+
 def test_remote_code_models_are_refused_everywhere(models_dir):
     p = HostPolicy.from_env({"QUANTSCOPE_MODELS_DIR": str(models_dir)})
     with pytest.raises(PolicyError, match="trust_remote_code"):

@@ -263,7 +263,9 @@ def locate(ref: str, kind: str) -> ModelFiles:
 
     if not isinstance(ref, str) or not ref.strip():
         raise InputError("No model given. Use 'embedded', a local model folder, or a .gguf file.")
-    ref = ref.strip()
+    from ..sources import check_ref
+
+    ref = check_ref(ref.strip())
     if is_embedded(ref):
         if kind == "gguf":
             return ModelFiles(ref="embedded", gguf=embedded.gguf_path(), spec_ref="embedded")
