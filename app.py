@@ -10,6 +10,7 @@ import gradio as gr
 
 from engine.manager import ModelManager
 from engine.policy import host_policy
+from engine.ratelimit import SessionLimiter
 from ui import builder, calculator, compare, monitor
 
 TITLE = "QuantScope — what quantization does to an LLM"
@@ -17,15 +18,18 @@ TITLE = "QuantScope — what quantization does to an LLM"
 
 @dataclass
 class Services:
-    """What the tabs share in this process (one of each, thread-safe): the model cache, and how many
-    generation events (side-by-side runs) may run at once; the rest wait in Gradio's queue."""
+    """What the tabs share in this process (one of each, thread-safe): the model cache, how many generation
+    events (side-by-side runs) may run at once (the rest wait in Gradio's queue) and the per-session limits."""
 
     manager: ModelManager = field(default_factory=ModelManager)
     generation_concurrency: int = 2
+    limiter: SessionLimiter = field(default_factory=lambda: SessionLimiter(per_window=0))
 
 
 def services_from_env() -> Services:
-    return Services(generation_concurrency=host_policy().generation_concurrency)
+    policy = host_policy()
+    return Services(generation_concurrency=policy.generation_concurrency,
+                    limiter=SessionLimiter(per_window=policy.runs_per_minute, window_s=60.0))
 
 
 def build_app(services: Optional[Services] = None) -> gr.Blocks:
@@ -48,18 +52,29 @@ def build_app(services: Optional[Services] = None) -> gr.Blocks:
     return demo
 
 
+def listen_address(env=os.environ) -> tuple:
+    """(host, port): QUANTSCOPE_HOST/PORT if set; else what a platform sets (Gradio's own GRADIO_SERVER_NAME/PORT
+    on a Hugging Face Space, PORT on others); else loopback:7860. A Space must listen on 0.0.0.0."""
+    host = env.get("QUANTSCOPE_HOST") or env.get("GRADIO_SERVER_NAME") or \
+        ("0.0.0.0" if env.get("SPACE_ID") else "127.0.0.1")
+    port = env.get("QUANTSCOPE_PORT") or env.get("GRADIO_SERVER_PORT") or env.get("PORT") or "7860"
+    try:
+        return host, int(port)
+    except ValueError:
+        raise ValueError(f"the port must be a whole number, got {port!r}") from None
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("QUANTSCOPE_LOG_LEVEL", "INFO"))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         services = services_from_env()
+        host, port = listen_address()
     except ValueError as e:  # a bad QUANTSCOPE_* variable: one line, no traceback
         raise SystemExit(f"QuantScope host settings: {e}") from None
     demo = build_app(services)
     demo.queue(default_concurrency_limit=int(os.environ.get("QUANTSCOPE_CONCURRENCY", "4"))).launch(
-        server_name=os.environ.get("QUANTSCOPE_HOST", "127.0.0.1"),
-        server_port=int(os.environ.get("QUANTSCOPE_PORT", "7860")),
-    )
+        server_name=host, server_port=port)
 
 
 if __name__ == "__main__":

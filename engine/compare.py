@@ -139,8 +139,9 @@ def run_compare(manager, model: str, choices: Sequence[str], prompt: str,
                 settings: GenerationSettings = GenerationSettings(), cancel: Optional[threading.Event] = None,
                 device: Optional[str] = None, max_prompt_chars: int = MAX_PROMPT_CHARS,
                 score: bool = True) -> Iterator[CompareState]:
-    """Stream a side-by-side comparison (see the module docstring). Raises :class:`InputError` before anything
-    runs when the prompt or the pane list is invalid; a pane's own failure ends up in that pane."""
+    """Stream a side-by-side comparison (see the module docstring). Raises :class:`InputError` at the call (not at
+    the first ``next``) when the prompt, the pane list or the model is invalid, so that a caller can refuse the
+    request before it counts against anything; a pane's own failure ends up in that pane."""
     validate_prompt(prompt, max_prompt_chars)
     choices = [c for c in choices if c and c != OFF]
     if not choices:
@@ -157,7 +158,12 @@ def run_compare(manager, model: str, choices: Sequence[str], prompt: str,
             keys.append(e)
     if all(isinstance(k, QuantScopeError) for k in keys):
         raise keys[0]
-    cancel = cancel or threading.Event()
+    return _stream(manager, model, choices, quants, keys, prompt, settings, cancel or threading.Event(), device,
+                   score)
+
+
+def _stream(manager, model: str, choices: list, quants: list, keys: list, prompt: str, settings: GenerationSettings,
+            cancel: threading.Event, device: Optional[str], score: bool) -> Iterator[CompareState]:
     state = CompareState(panes=[PaneState(i, c, method=q.name) for i, (c, q) in enumerate(zip(choices, quants))])
     events: "queue.Queue[tuple]" = queue.Queue()
     all_loaded = threading.Event()

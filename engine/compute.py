@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import queue
 import threading
 from collections import deque
@@ -253,3 +254,14 @@ def isolated(fn: Callable[..., T], *args, name: str = "quantscope-load", **kwarg
     if "error" in box:
         raise box["error"]
     return box.get("result")
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (ZeroGPU runs each GPU call in one) inherits no threads: start from a fresh scheduler
+    instead of queueing work for a compute thread that exists only in the parent."""
+    global _default, _default_lock
+    _default, _default_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

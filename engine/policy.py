@@ -9,6 +9,7 @@
 | ``QUANTSCOPE_MAX_NEW_TOKENS`` | ``512`` | cap on new tokens per pane |
 | ``QUANTSCOPE_MAX_PROMPT_CHARS`` | ``4000`` | cap on the prompt's length |
 | ``QUANTSCOPE_GENERATION_CONCURRENCY`` | ``2`` | side-by-side runs at once (the rest wait in the queue, seeing their position) |
+| ``QUANTSCOPE_RUNS_PER_MINUTE`` | ``6`` | side-by-side runs one session may start per minute (``0``: no limit); one at a time always |
 
 ``QUANTSCOPE_LOCAL_PATHS`` defaults to ``models-dir`` when ``QUANTSCOPE_MODELS_DIR`` is set, to ``none`` on a
 Hugging Face Space (``SPACE_ID`` is set there), and to ``any`` otherwise (your own workstation). The Hub token is
@@ -66,6 +67,7 @@ class HostPolicy:
     max_new_tokens: int = 512
     max_prompt_chars: int = 4000
     generation_concurrency: int = 2
+    runs_per_minute: int = 6
 
     @classmethod
     def from_env(cls, env: Mapping = os.environ) -> "HostPolicy":
@@ -81,7 +83,8 @@ class HostPolicy:
                    allowed_formats=_list(env.get("QUANTSCOPE_ALLOWED_FORMATS")),
                    max_new_tokens=_int(env, "QUANTSCOPE_MAX_NEW_TOKENS", 512, 1, 4096),
                    max_prompt_chars=_int(env, "QUANTSCOPE_MAX_PROMPT_CHARS", 4000, 1, 100_000),
-                   generation_concurrency=_int(env, "QUANTSCOPE_GENERATION_CONCURRENCY", 2, 1, 64))
+                   generation_concurrency=_int(env, "QUANTSCOPE_GENERATION_CONCURRENCY", 2, 1, 64),
+                   runs_per_minute=_int(env, "QUANTSCOPE_RUNS_PER_MINUTE", 6, 0, 10_000))
 
     # ------------------------------------------------------------------ checks
     def check_model(self, ref: Optional[str]) -> Optional[str]:

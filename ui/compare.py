@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import logging
 import threading
+import time
 from typing import Optional
 
 import gradio as gr
@@ -19,8 +20,10 @@ from engine.compare import MAX_PANES, OFF, PANE_CHOICES, CompareState, PaneState
 from engine.errors import QuantScopeError
 from engine.policy import host_policy
 from engine.quality import token_agreement
+from engine.ratelimit import SessionLimiter
 from engine.units import MiB
 from ui.charts import kl_lines
+from ui.zerogpu import gpu_handler
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ DEFAULT_PROMPT = "Explain in three sentences why a lighthouse flashes in a patte
 DEFAULT_PANES = ("bf16", "nf4", OFF, OFF)
 DIFF_LABEL = "differs from A"
 FIRST_LABEL = "first difference"
+
+STREAM_INTERVAL_S = 0.15  # at most ~7 token updates a second per run reach the page
 
 # One-click comparisons for a class (pane A is always the 16-bit baseline).
 PRESETS = {
@@ -147,15 +152,38 @@ def kl_figure(state: CompareState):
     return kl_lines(series)
 
 
-def render(state: CompareState) -> list:
-    """Component values for one snapshot: status, 4 headers, 4 token boxes, quality table, KL chart, JSON."""
+def render(state: CompareState, full: bool = True) -> list:
+    """Component values for one snapshot: status, 4 headers, 4 token boxes, quality table, KL chart, JSON.
+
+    ``full=False`` (a token update while streaming) leaves the quality table and the chart as they are: they
+    change only between phases, and building the plotly figure for every token cost more CPU than the tokens.
+    """
     base = state.panes[0] if state.panes else None
     headers, boxes = [], []
     for i in range(MAX_PANES):
         p = state.panes[i] if i < len(state.panes) else None
         headers.append("" if p is None else pane_header(p))
         boxes.append([] if p is None else pane_tokens(p, base))
-    return [status_line(state)] + headers + boxes + [quality_table(state), kl_figure(state), state.to_dict()]
+    heavy = [quality_table(state), kl_figure(state)] if full else [gr.skip(), gr.skip()]
+    return [status_line(state)] + headers + boxes + heavy + [state.to_dict()]
+
+
+def throttled(states, interval_s: float = STREAM_INTERVAL_S):
+    """(state, full) pairs: every phase change and the last state in full; token updates in between at most
+    one per ``interval_s`` (a page cannot show more, and each update costs the server a diff of every output)."""
+    last_phase, last_t, pending = None, float("-inf"), None
+    for state in states:
+        now = time.monotonic()
+        if state.phase != last_phase or state.phase in ("done", "cancelled"):
+            last_phase, last_t, pending = state.phase, now, None
+            yield state, True
+        elif now - last_t >= interval_s:
+            last_t, pending = now, None
+            yield state, False
+        else:
+            pending = state
+    if pending is not None:
+        yield pending, True
 
 
 def status_line(state: CompareState) -> str:
@@ -179,9 +207,14 @@ def message_only(text: str) -> list:
 # ---------------------------------------------------------------------------------------------
 def compare(manager, model: str = "embedded", prompt: str = DEFAULT_PROMPT, pane_a: str = DEFAULT_PANES[0],
             pane_b: str = DEFAULT_PANES[1], pane_c: str = DEFAULT_PANES[2], pane_d: str = DEFAULT_PANES[3],
-            max_new_tokens: float = 64, temperature: float = 0.0, seed: float = 0):
-    """Stream a comparison (api_name="compare"). Bad input gives a message, never a traceback."""
+            max_new_tokens: float = 64, temperature: float = 0.0, seed: float = 0, *,
+            limiter: Optional[SessionLimiter] = None, session: Optional[str] = None):
+    """Stream a comparison (api_name="compare"). Bad input gives a message, never a traceback.
+
+    ``limiter`` (per-session limits) admits the run for ``session`` after the inputs are checked, so a refused
+    input does not use up the session's allowance."""
     cancel = threading.Event()
+    admitted = None
     try:
         n = int(max_new_tokens) if isinstance(max_new_tokens, (int, float)) and max_new_tokens == max_new_tokens \
             else max_new_tokens
@@ -195,9 +228,11 @@ def compare(manager, model: str = "embedded", prompt: str = DEFAULT_PROMPT, pane
         policy.check_formats([pane_a, pane_b, pane_c, pane_d])
         policy.check_generation(prompt or "", settings.max_new_tokens)
         stream = run_compare(manager, ref, [pane_a, pane_b, pane_c, pane_d], prompt or "", settings,
-                             cancel=cancel, max_prompt_chars=policy.max_prompt_chars)
-        for state in stream:
-            yield render(state)
+                             cancel=cancel, max_prompt_chars=policy.max_prompt_chars)  # validates, runs nothing
+        if limiter is not None:
+            admitted = limiter.admit(session)
+        for state, full in throttled(stream):
+            yield render(state, full)
     except QuantScopeError as e:
         yield message_only(str(e))
     except (TypeError, ValueError) as e:
@@ -208,6 +243,8 @@ def compare(manager, model: str = "embedded", prompt: str = DEFAULT_PROMPT, pane
                            "Try again, or with fewer panes.")
     finally:
         cancel.set()  # the stop button / a closed tab close this generator: stop every pane
+        if admitted is not None:
+            limiter.release(admitted)
 
 
 def apply_preset(name: str):
@@ -221,9 +258,16 @@ def apply_preset(name: str):
 # Layout
 # ---------------------------------------------------------------------------------------------
 def build_tab(services) -> None:
-    from functools import partial
+    manager, limiter = services.manager, services.limiter
 
-    manager = services.manager
+    # A real function (not functools.partial): Gradio passes gr.Request only to a parameter it can see annotated.
+    def run_compare_event(model: str = "embedded", prompt: str = DEFAULT_PROMPT, pane_a: str = DEFAULT_PANES[0],
+                          pane_b: str = DEFAULT_PANES[1], pane_c: str = DEFAULT_PANES[2],
+                          pane_d: str = DEFAULT_PANES[3], max_new_tokens: float = 64, temperature: float = 0.0,
+                          seed: float = 0, request: gr.Request = None):
+        yield from compare(manager, model, prompt, pane_a, pane_b, pane_c, pane_d, max_new_tokens, temperature,
+                           seed, limiter=limiter, session=getattr(request, "session_hash", None))
+
     gr.Markdown("Same prompt, several formats of one model, **streaming at the same time**. Pane A is the 16-bit "
                 "baseline; tokens where another pane departs from A are highlighted. When every pane is done, "
                 "each one is measured against A with both models reading the same tokens (teacher forcing): "
@@ -272,8 +316,7 @@ def build_tab(services) -> None:
 
     inputs = [model, prompt] + pane_inputs + [max_new, temperature, seed]
     outputs = [status] + headers + boxes + [table, chart, raw]
-    handler = partial(compare, manager)
-    handler.__name__ = "compare"  # gradio names the endpoint's function from it
+    handler = gpu_handler(run_compare_event)
     ev = run.click(handler, inputs, outputs, api_name="compare", concurrency_limit=services.generation_concurrency,
                    concurrency_id="generation")
     ev2 = prompt.submit(handler, inputs, outputs, api_name=False, concurrency_limit=services.generation_concurrency,
