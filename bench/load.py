@@ -76,7 +76,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}/"
         e = {**os.environ, "QUANTSCOPE_HOST": "127.0.0.1", "QUANTSCOPE_PORT": str(self.port),
              "GRADIO_ANALYTICS_ENABLED": "False", "QUANTSCOPE_LOG_LEVEL": "WARNING", **env}
-        self.log = open(ROOT / "bench" / "results" / "load_server.log", "w")
+        import tempfile
+
+        self.log_path = Path(tempfile.gettempdir()) / f"quantscope_load_server_{self.port}.log"
+        self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=ROOT, env=e, stdout=self.log,
                                      stderr=subprocess.STDOUT)
 
@@ -86,7 +89,7 @@ class Server:
         t0 = time.time()
         while time.time() - t0 < timeout:
             if self.proc.poll() is not None:
-                raise SystemExit(f"app.py exited with {self.proc.returncode}; see bench/results/load_server.log")
+                raise SystemExit(f"app.py exited with {self.proc.returncode}; see {self.log_path}")
             try:
                 urllib.request.urlopen(self.url + "gradio_api/info", timeout=2).read()
                 return

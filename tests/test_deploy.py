@@ -111,3 +111,17 @@ def test_compute_scheduler_works_in_a_forked_child():
     got = os.read(r, 16).decode() if ready else "timeout"
     os.waitpid(pid, 0)
     assert got == "42"
+
+
+def test_the_server_serves_no_files_of_the_host(launch_app):
+    """Gradio's file route refuses the host's files: secrets, the app's own source, the models folder."""
+    import httpx
+
+    import app
+
+    url = launch_app(app.build_app)
+    for path in ("/etc/passwd", str(ROOT / "app.py"), "app.py", "../../etc/passwd", str(ROOT / "pyproject.toml"),
+                 str(ROOT / "assets" / "reference_text.txt")):
+        r = httpx.get(url + "gradio_api/file=" + path, timeout=30)
+        assert r.status_code in (403, 404), (path, r.status_code)
+        assert "root:" not in r.text and "import" not in r.text
