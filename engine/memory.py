@@ -36,6 +36,9 @@ OVERHEAD_BYTES = {"cuda": 960 * MiB, "cpu": 400 * MiB, "mps": 256 * MiB}
 KV_BYTES = {"fp32": (4, 1), "fp16": (2, 1), "bf16": (2, 1), "fp8": (1, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
 
 MAX_CONTEXT = 10_000_000
+# Calibrated runtime terms (bench/gpu_validate.py on an H200, 2026-11-26; see activation_bytes):
+INT8_OUT_BYTES = 4  # LLM.int8's int32 matmul result, per output feature per token
+HQQ_DEQUANT_BYTES_PER_WEIGHT = 5  # unpacked uint8 codes (1) + a compute-dtype temporary and result (2 + 2)
 MAX_BATCH = 100_000
 
 
@@ -102,11 +105,27 @@ def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, t
     if training.mode == "inference":
         attn = q_out + 2 * kv_out + q_out
         mlp = 3 * I * k
-        peak = bs * (2 * H + max(attn, mlp)) * cb + batch * model.vocab_size * (cb + 4)
-        if q.method in ("bnb4", "int8", "hqq"):
-            largest = max((t.numel for t in model.tensors if t.linear and t.layer is not None), default=0)
-            peak += largest * cb
-        return peak
+        act = bs * (2 * H + max(attn, mlp)) * cb
+        logits = batch * model.vocab_size * (cb + 4)
+        layers = [t for t in model.tensors if t.linear and t.layer is not None]
+        largest = max((t.numel for t in layers), default=0)
+        if q.method == "int8":
+            # LLM.int8 multiplies int8 by int8 into an int32 result, then rescales: per linear, the input
+            # quantised to int8 (1 byte per input feature) and the int32 output (4 bytes per output feature)
+            # live beside the fp16 activations. Fitted on an H200 (docs/benchmarks.md): without this term the
+            # prediction was 4-12% low at 4096-8192 tokens, growing with context.
+            out_f = max((t.shape[-2] for t in layers), default=0)
+            in_f = max((t.shape[-1] for t in layers), default=0)
+            return act + largest * cb + bs * (out_f * INT8_OUT_BYTES + in_f) + logits
+        if q.method == "hqq":
+            # HQQ dequantises a layer before its matmul: the packed codes unpacked to one byte per weight, then
+            # (W - zero) * scale in the compute dtype (a temporary and the result). At short contexts these
+            # ~5 bytes per weight of the largest layer, beside only the residual stream, are the peak; at long
+            # ones the activations with one dequantised weight are. Fitted on an H200 (docs/benchmarks.md).
+            return max(act + largest * cb, bs * 2 * H * cb + largest * HQQ_DEQUANT_BYTES_PER_WEIGHT) + logits
+        if q.method == "bnb4":
+            return act + largest * cb + logits
+        return act + logits
     per_layer = bs * (6 * H + q_out + 2 * kv_out + 4 * I * k) * 2
     if training.gradient_checkpointing:
         stored = model.num_layers * bs * H * 2 + per_layer

@@ -6,6 +6,7 @@
 | ``QUANTSCOPE_MODELS_DIR`` | unset | a folder: local model paths are accepted only inside it (after resolving ``..`` and links) |
 | ``QUANTSCOPE_LOCAL_PATHS`` | see below | ``any`` \\| ``models-dir`` \\| ``none`` |
 | ``QUANTSCOPE_ALLOWED_FORMATS`` | ``any`` | comma-separated side-by-side formats (``bf16,nf4,gguf``) |
+| ``QUANTSCOPE_MAX_MODEL_PARAMS`` | ``any`` | largest model side by side may load, as a count (``2B``, ``500M``) |
 | ``QUANTSCOPE_MAX_NEW_TOKENS`` | ``512`` | cap on new tokens per pane |
 | ``QUANTSCOPE_MAX_PROMPT_CHARS`` | ``4000`` | cap on the prompt's length |
 | ``QUANTSCOPE_GENERATION_CONCURRENCY`` | ``2`` | side-by-side runs at once (the rest wait in the queue, seeing their position) |
@@ -53,6 +54,19 @@ def _int(env: Mapping, name: str, default: int, lo: int, hi: int) -> int:
     return v
 
 
+def _count(env: Mapping, name: str) -> Optional[int]:
+    """A parameter count such as ``2B`` or ``500M`` (None for unset / ``any``)."""
+    raw = (env.get(name) or "").strip()
+    if raw.lower() in ("", "any", "*"):
+        return None
+    from .sources import PARAM_COUNT, SCALE
+
+    m = PARAM_COUNT.match(raw)
+    if not m:
+        raise ValueError(f"{name} must be a parameter count such as 2B or 500M, got {raw!r}")
+    return int(float(m.group(1)) * SCALE[m.group(2).lower()])
+
+
 def _looks_local(ref: str) -> bool:
     return ref.startswith((".", "/", "~", "\\")) or "\\" in ref or ref.endswith((".json", ".gguf")) or \
         ref.count("/") > 1 or ".." in ref
@@ -64,6 +78,7 @@ class HostPolicy:
     local_paths: str = "any"
     models_dir: Optional[Path] = None
     allowed_formats: Optional[frozenset] = None
+    max_model_params: Optional[int] = None
     max_new_tokens: int = 512
     max_prompt_chars: int = 4000
     generation_concurrency: int = 2
@@ -81,6 +96,7 @@ class HostPolicy:
         return cls(allowed_models=_list(env.get("QUANTSCOPE_ALLOWED_MODELS")), local_paths=local,
                    models_dir=Path(models_dir).expanduser().resolve() if models_dir else None,
                    allowed_formats=_list(env.get("QUANTSCOPE_ALLOWED_FORMATS")),
+                   max_model_params=_count(env, "QUANTSCOPE_MAX_MODEL_PARAMS"),
                    max_new_tokens=_int(env, "QUANTSCOPE_MAX_NEW_TOKENS", 512, 1, 4096),
                    max_prompt_chars=_int(env, "QUANTSCOPE_MAX_PROMPT_CHARS", 4000, 1, 100_000),
                    generation_concurrency=_int(env, "QUANTSCOPE_GENERATION_CONCURRENCY", 2, 1, 64),
@@ -117,6 +133,23 @@ class HostPolicy:
         elif path.is_file() and path.suffix == ".json":
             _refuse_remote_code(path, r)
         return str(path) if self.local_paths == "models-dir" else r
+
+    def check_model_size(self, ref: str) -> None:
+        """Refuse to load a model larger than ``max_model_params`` (the calculator is not limited: estimating a
+        70B model costs nothing). A reference whose size cannot be read is left to the loader to explain."""
+        if self.max_model_params is None:
+            return
+        from .errors import QuantScopeError
+        from .sources import resolve
+
+        try:
+            spec = resolve(ref)
+        except QuantScopeError:
+            return
+        if spec.params > self.max_model_params:
+            raise PolicyError(f"{spec.name} has {spec.params / 1e9:.2f}B parameters; this server runs models up to "
+                              f"{self.max_model_params / 1e9:.2f}B side by side. Pick a smaller one, or estimate "
+                              "it in the calculator.")
 
     def check_formats(self, formats) -> None:
         if self.allowed_formats is None:

@@ -254,3 +254,38 @@ def test_default_lora_targets_every_block_linear():
     for ref in ("microsoft/Phi-3-mini-4k-instruct", "mistralai/Mixtral-8x7B-Instruct-v0.1"):
         e = estimate(resolve(ref), parse_method("bf16"), training=TrainingSpec(mode="lora"))
         assert e.trainable_params > 0 and e.optimizer_bytes == 8 * e.trainable_params
+
+
+def test_calibrated_runtime_terms_for_int8_and_hqq():
+    """The two terms fitted on an H200 (docs/benchmarks.md): LLM.int8's int32 result + int8 input per token,
+    and HQQ's ~5 bytes per weight of the largest layer while dequantising, which dominates short contexts."""
+    from engine.formats import parse_method
+    from engine.memory import HQQ_DEQUANT_BYTES_PER_WEIGHT, INT8_OUT_BYTES, estimate
+    from engine.sources import resolve
+    from engine.specs import RuntimeSpec
+
+    m = resolve("meta-llama/Llama-3.2-1B-Instruct")  # hidden 2048, intermediate 8192
+    rt = lambda c: RuntimeSpec(context=c, batch=1, device="cuda")  # noqa: E731
+    int8, nf4 = parse_method("int8"), parse_method("nf4")
+    for c in (512, 8192):
+        extra = estimate(m, int8, rt(c)).activations_bytes - estimate(m, nf4, rt(c)).activations_bytes
+        assert extra == c * (8192 * INT8_OUT_BYTES + 8192)  # widest output (gate/up) and input (down_proj)
+    hqq = parse_method("hqq4")
+    largest = 8192 * 2048
+    short, long = estimate(m, hqq, rt(64)), estimate(m, hqq, rt(8192))
+    assert short.activations_bytes - estimate(m, nf4, rt(64)).activations_bytes == \
+        64 * 2 * 2048 * 2 + largest * HQQ_DEQUANT_BYTES_PER_WEIGHT - (64 * (2 * 2048 + 3 * 8192) * 2 + largest * 2)
+    assert long.activations_bytes == estimate(m, nf4, rt(8192)).activations_bytes  # activations dominate
+
+
+def test_engine_sets_the_expandable_cuda_allocator_unless_told_otherwise():
+    import subprocess
+    import sys
+
+    code = "import engine, os; print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "expandable_segments:True"
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:128"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "max_split_size_mb:128"

@@ -83,6 +83,17 @@ def test_remote_code_models_are_refused_everywhere(models_dir):
         locate(str(models_dir / "custom"), "hf")
 
 
+def test_max_model_size():
+    p = HostPolicy.from_env({"QUANTSCOPE_MAX_MODEL_PARAMS": "500M"})
+    assert p.max_model_params == 500_000_000
+    p.check_model_size("embedded")  # 135M
+    with pytest.raises(PolicyError, match="7.62B parameters; this server runs models up to 0.50B"):
+        p.check_model_size("Qwen/Qwen2.5-7B-Instruct")
+    HostPolicy.from_env({}).check_model_size("Qwen/Qwen2.5-7B-Instruct")  # no limit by default
+    with pytest.raises(ValueError, match="QUANTSCOPE_MAX_MODEL_PARAMS"):
+        HostPolicy.from_env({"QUANTSCOPE_MAX_MODEL_PARAMS": "large"})
+
+
 def test_generation_limits():
     p = HostPolicy(max_new_tokens=16, max_prompt_chars=100, allowed_formats=frozenset({"bf16", "nf4"}))
     with pytest.raises(PolicyError, match="at most 16"):
@@ -108,7 +119,8 @@ def restricted_client(tmp_path_factory):
     set_host_policy(HostPolicy.from_env({"QUANTSCOPE_MODELS_DIR": str(d), "QUANTSCOPE_MAX_NEW_TOKENS": "16",
                                          "QUANTSCOPE_MAX_PROMPT_CHARS": "200",
                                          "QUANTSCOPE_ALLOWED_MODELS": "embedded,meta-llama/Llama-3.1-8B-Instruct",
-                                         "QUANTSCOPE_ALLOWED_FORMATS": "bf16,nf4"}))
+                                         "QUANTSCOPE_ALLOWED_FORMATS": "bf16,nf4",
+                                         "QUANTSCOPE_MAX_MODEL_PARAMS": "1B"}))
     try:
         with served_app(app.build_app) as url:
             yield Client(url, verbose=False, download_files=False, analytics_enabled=False)
@@ -122,6 +134,7 @@ def restricted_client(tmp_path_factory):
     ("/compare", dict(prompt="x" * 300), "limit here is 200"),
     ("/compare", dict(max_new_tokens=64), "at most 16"),
     ("/compare", dict(pane_b="hqq2"), "does not run hqq2"),
+    ("/compare", dict(model="meta-llama/Llama-3.1-8B-Instruct"), "runs models up to 1.00B side by side"),
     ("/build_config", dict(model="Qwen/Qwen2.5-7B-Instruct"), "only offers these models"),
 ])
 def test_refused_inputs_in_the_app_and_it_keeps_serving(restricted_client, api, kw, words):

@@ -225,6 +225,7 @@ def compare(manager, model: str = "embedded", prompt: str = DEFAULT_PROMPT, pane
             return
         policy = host_policy()
         ref = policy.check_model((model or "embedded").strip())
+        policy.check_model_size(ref)
         policy.check_formats([pane_a, pane_b, pane_c, pane_d])
         policy.check_generation(prompt or "", settings.max_new_tokens)
         stream = run_compare(manager, ref, [pane_a, pane_b, pane_c, pane_d], prompt or "", settings,
