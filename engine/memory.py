@@ -36,10 +36,10 @@ OVERHEAD_BYTES = {"cuda": 960 * MiB, "cpu": 400 * MiB, "mps": 256 * MiB}
 KV_BYTES = {"fp32": (4, 1), "fp16": (2, 1), "bf16": (2, 1), "fp8": (1, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
 
 MAX_CONTEXT = 10_000_000
+MAX_BATCH = 100_000
 # Calibrated runtime terms (bench/gpu_validate.py on an H200, 2026-11-26; see activation_bytes):
 INT8_OUT_BYTES = 4  # LLM.int8's int32 matmul result, per output feature per token
 HQQ_DEQUANT_BYTES_PER_WEIGHT = 5  # unpacked uint8 codes (1) + a compute-dtype temporary and result (2 + 2)
-MAX_BATCH = 100_000
 
 
 def _check_positive(name: str, v, limit: int) -> int:
@@ -107,6 +107,8 @@ def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, t
         mlp = 3 * I * k
         act = bs * (2 * H + max(attn, mlp)) * cb
         logits = batch * model.vocab_size * (cb + 4)
+        if q.method not in ("bnb4", "int8", "hqq"):
+            return act + logits
         layers = [t for t in model.tensors if t.linear and t.layer is not None]
         largest = max((t.numel for t in layers), default=0)
         if q.method == "int8":
@@ -123,9 +125,7 @@ def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, t
             # ~5 bytes per weight of the largest layer, beside only the residual stream, are the peak; at long
             # ones the activations with one dequantised weight are. Fitted on an H200 (docs/benchmarks.md).
             return max(act + largest * cb, bs * 2 * H * cb + largest * HQQ_DEQUANT_BYTES_PER_WEIGHT) + logits
-        if q.method == "bnb4":
-            return act + largest * cb + logits
-        return act + logits
+        return act + largest * cb + logits  # bnb4: one dequantised weight
     per_layer = bs * (6 * H + q_out + 2 * kv_out + 4 * I * k) * 2
     if training.gradient_checkpointing:
         stored = model.num_layers * bs * H * 2 + per_layer

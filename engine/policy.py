@@ -59,12 +59,12 @@ def _count(env: Mapping, name: str) -> Optional[int]:
     raw = (env.get(name) or "").strip()
     if raw.lower() in ("", "any", "*"):
         return None
-    from .sources import PARAM_COUNT, SCALE
+    from .sources import parse_param_count
 
-    m = PARAM_COUNT.match(raw)
-    if not m:
+    n = parse_param_count(raw)
+    if n is None:
         raise ValueError(f"{name} must be a parameter count such as 2B or 500M, got {raw!r}")
-    return int(float(m.group(1)) * SCALE[m.group(2).lower()])
+    return n
 
 
 def _looks_local(ref: str) -> bool:

@@ -145,6 +145,12 @@ def from_param_count(n: int, label: str) -> ModelSpec:
     return dataclasses.replace(spec, approximate=True, note=note)
 
 
+def parse_param_count(text: str) -> int | None:
+    """``7B`` / ``500M`` / ``1.5e9`` as a whole number of parameters, or None if the text is not a count."""
+    m = PARAM_COUNT.match(text)
+    return None if m is None else int(float(m.group(1)) * SCALE[m.group(2).lower()])
+
+
 MAX_REF_CHARS = 512  # longer than any Hub id or sane path
 MAX_NAME_BYTES = 255  # one file or folder name (NAME_MAX on Linux, macOS and Windows filesystems)
 
@@ -184,10 +190,9 @@ def resolve(ref: str | None) -> ModelSpec:
     p = _find_preset(ref)
     if p:
         return _preset_spec(p["file"], p["id"])
-    m = PARAM_COUNT.match(ref)
-    if m:
-        n = float(m.group(1)) * SCALE[m.group(2).lower()]
-        return from_param_count(int(n), f"{ref} (approximate)")
+    n = parse_param_count(ref)
+    if n is not None:
+        return from_param_count(n, f"{ref} (approximate)")
     path = Path(ref).expanduser()
     if ref.startswith((".", "/", "~")) or ref.endswith(".json") or path_exists(path):
         cfg = _local_config(path)

@@ -121,7 +121,7 @@ def kl_lines(series: list[tuple[str, str, list[float], list[str]]]) -> Figure:
                       xaxis2=dict(anchor="y2", domain=[0, 1], title=dict(text="token position")),
                       yaxis2=dict(anchor="x2", domain=list(KL_ROWS[1]), title=dict(text="KL (nats)"),
                                   rangemode="tozero")))
-    for (lo, hi), text in zip(KL_ROWS, ("On pane A's answer (teacher-forced)", "On the reference text")):
+    for (_, hi), text in zip(KL_ROWS, ("On pane A's answer (teacher-forced)", "On the reference text")):
         fig.annotation(text=text, x=0.5, xref="paper", xanchor="center", y=hi, yref="paper", yanchor="bottom",
                        showarrow=False, font=dict(size=16))
     answered = {s[0] for s in series if s[1] == "answer"}
@@ -150,19 +150,15 @@ def monitor_figures(snaps: list, events: list, now: float) -> tuple[Figure, Figu
     raw_xs = [s.t - now for s in snaps]
     breaks = {i for i in range(1, len(raw_xs)) if raw_xs[i] - raw_xs[i - 1] > GAP_S}
 
-    def gapped(values):
+    def gapped(values, fill=lambda i: None):
         out = []
         for i, v in enumerate(values):
             if i in breaks:
-                out.append(None)
+                out.append(fill(i))
             out.append(v)
         return out
 
-    xs = []
-    for i, x in enumerate(raw_xs):
-        if i in breaks:
-            xs.append((raw_xs[i - 1] + x) / 2)  # the gap's own point, where every line has None
-        xs.append(x)
+    xs = gapped(raw_xs, fill=lambda i: (raw_xs[i - 1] + raw_xs[i]) / 2)  # the gap's own point: every line has None
 
     def frame(title: str) -> Figure:
         return Figure(dict(height=260, margin=dict(l=45, r=45, t=35, b=35),

@@ -7,6 +7,7 @@ runs a real comparison.
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import logging
 import threading
@@ -214,7 +215,6 @@ def compare(manager, model: str = "embedded", prompt: str = DEFAULT_PROMPT, pane
     ``limiter`` (per-session limits) admits the run for ``session`` after the inputs are checked, so a refused
     input does not use up the session's allowance."""
     cancel = threading.Event()
-    admitted = None
     try:
         n = int(max_new_tokens) if isinstance(max_new_tokens, (int, float)) and max_new_tokens == max_new_tokens \
             else max_new_tokens
@@ -230,10 +230,9 @@ def compare(manager, model: str = "embedded", prompt: str = DEFAULT_PROMPT, pane
         policy.check_generation(prompt or "", settings.max_new_tokens)
         stream = run_compare(manager, ref, [pane_a, pane_b, pane_c, pane_d], prompt or "", settings,
                              cancel=cancel, max_prompt_chars=policy.max_prompt_chars)  # validates, runs nothing
-        if limiter is not None:
-            admitted = limiter.admit(session)
-        for state, full in throttled(stream):
-            yield render(state, full)
+        with limiter.run(session) if limiter is not None else contextlib.nullcontext():
+            for state, full in throttled(stream):
+                yield render(state, full)
     except QuantScopeError as e:
         yield message_only(str(e))
     except (TypeError, ValueError) as e:
@@ -244,8 +243,6 @@ def compare(manager, model: str = "embedded", prompt: str = DEFAULT_PROMPT, pane
                            "Try again, or with fewer panes.")
     finally:
         cancel.set()  # the stop button / a closed tab close this generator: stop every pane
-        if admitted is not None:
-            limiter.release(admitted)
 
 
 def apply_preset(name: str):
