@@ -14,6 +14,10 @@ from engine.ratelimit import SessionLimiter
 from ui import builder, calculator, compare, monitor
 
 TITLE = "QuantScope — what quantization does to an LLM"
+# show_error: an input Gradio itself cannot read (a word where a number goes, sent through the API) gets Gradio's
+# message naming the input and the type it expected, not a bare "the upstream app raised an exception". Handlers
+# catch their own errors, so nothing else reaches this path.
+LAUNCH_OPTIONS = dict(show_error=True)
 
 
 @dataclass
@@ -74,7 +78,7 @@ def main() -> None:
         raise SystemExit(f"QuantScope host settings: {e}") from None
     demo = build_app(services)
     demo.queue(default_concurrency_limit=int(os.environ.get("QUANTSCOPE_CONCURRENCY", "4"))).launch(
-        server_name=host, server_port=port)
+        server_name=host, server_port=port, **LAUNCH_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,18 @@ def test_the_server_serves_no_files_of_the_host(launch_app):
         r = httpx.get(url + "gradio_api/file=" + path, timeout=30)
         assert r.status_code in (403, 404), (path, r.status_code)
         assert "root:" not in r.text and "import" not in r.text
+
+
+def test_an_input_gradio_cannot_read_gets_a_message_naming_it(launch_app):
+    """A word where a number goes (possible only through the API): the client is told which input and what type."""
+    from gradio_client import Client
+
+    import app
+
+    url = launch_app(app.build_app, fresh=True, **app.LAUNCH_OPTIONS)
+    client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
+    import re
+
+    with pytest.raises(Exception, match=re.escape("Expected a `float | None`, but the value passed")):
+        client.predict(api_name="/compare", seed="many words")
+    assert client.predict(api_name="/estimate")[0].startswith("### ")  # still serving
