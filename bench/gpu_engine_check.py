@@ -97,7 +97,9 @@ def build_checkpoint(preset: str, tokenizer_dir: Path) -> str:
 
 
 def raw_fn(loaded, settings, n: int):
-    """One raw ``model.generate`` of exactly n tokens on the engine's prompt tokens: (ids, t_call, times)."""
+    """One raw run of exactly n greedy tokens on the engine's prompt tokens: (ids, t_call, times). Raw
+    ``model.generate`` for the plain path; for a fast format, the path the engine wraps: its static runner driven
+    by a bare prefill / argmax / step loop on the calling thread (no compute thread, no streaming)."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -109,6 +111,8 @@ def raw_fn(loaded, settings, n: int):
     dev = loaded.info.get("input_device", loaded.device)
     inputs = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if loaded.quant.fast:
+        return _raw_fast(loaded, inputs["input_ids"], n)
 
     class Stamps(BaseStreamer):
         def __init__(self):
@@ -132,6 +136,31 @@ def raw_fn(loaded, settings, n: int):
             model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad,
                            streamer=s)
         return s.ids, t0, s.t
+
+    return once
+
+
+def _raw_fast(loaded, ids, n: int):
+    import torch
+
+    from engine.backends.runners import acquire
+
+    def once(n=n):
+        r = acquire(loaded, int(ids.shape[1]), n)
+        out, times = [], []
+        try:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                logits = r.prefill(ids)
+                for i in range(n):
+                    nxt = logits.argmax(dim=-1, keepdim=True)
+                    out.append(int(nxt.item()))
+                    times.append(time.perf_counter())
+                    if i + 1 < n:
+                        logits = r.step(nxt)
+        finally:
+            r.release()
+        return out, t0, times
 
     return once
 

@@ -143,7 +143,10 @@ def run_format(preset: str, ckpt: str, fmt: str, contexts: list, tokens: int, re
         from engine.specs import RuntimeSpec
 
         kv = estimate(spec, quant, RuntimeSpec(context=prompt_tokens + tokens // 2, batch=1, device="cuda"))
-        bytes_per_token = loaded.weights_bytes + kv.kv_cache_bytes
+        emb = loaded.model.get_input_embeddings().weight
+        # The input embedding is read one row per token unless it is tied to the output layer (read in full).
+        emb_unread = 0 if getattr(loaded.model.config, "tie_word_embeddings", False) else emb.numel() * emb.element_size()
+        bytes_per_token = loaded.weights_bytes - emb_unread + kv.kv_cache_bytes
         best = max(eng_med, raw_med)
         return dict(preset=preset, format=loaded.method, backend=loaded.backend, device=torch.cuda.get_device_name(),
                     load_s=round(load_wall, 1), quantize_s=loaded.quantize_s,

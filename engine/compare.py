@@ -39,7 +39,7 @@ UPDATE_INTERVAL_S = 0.05  # at most ~20 snapshots a second while streaming
 
 # The formats a pane offers (the engine runs all of them on CPU and GPU when their library is installed).
 PANE_CHOICES = ("bf16", "fp16", "fp32", "int8", "nf4", "nf4 + double quant", "fp4", "hqq8", "hqq4", "hqq3",
-                "hqq2", "gguf")
+                "hqq2", "gguf", "bf16 fast", "hqq4 fast")
 OFF = "(off)"
 
 
@@ -56,6 +56,10 @@ def pane_quant(choice: str) -> QuantSpec:
         raise InputError(f"Double quantization applies to bitsandbytes 4-bit (nf4, fp4), not {c}.")
     try:
         return parse_load_method(c, double_quant=dq)
+    except InputError as e:
+        if "fast decode path" in str(e):
+            raise
+        raise InputError(f"Unknown pane format {choice!r}. Choose one of: {', '.join(PANE_CHOICES)}.") from None
     except QuantScopeError:
         raise InputError(f"Unknown pane format {choice!r}. Choose one of: {', '.join(PANE_CHOICES)}.") from None
 

@@ -54,6 +54,7 @@ class RunMetrics:
     predicted_bytes: Optional[int]
     predicted_weights_bytes: Optional[int]
     predicted_overhead_bytes: Optional[int]
+    decode_path: str = ""  # plain / fast: ... (engine.backends.runners); empty where the backend has one path
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,4 +239,5 @@ def run(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = Gene
         predicted_bytes=None if est is None else est.total_bytes,
         predicted_weights_bytes=None if est is None else est.weights_bytes,
         predicted_overhead_bytes=None if est is None else est.overhead_bytes,
+        decode_path=stream.decode_path,
     )

@@ -117,6 +117,7 @@ class QuantSpec:
     dtype: str = "bfloat16"
     skip_modules: tuple[str, ...] = ()
     label: str = ""
+    fast: bool = False  # the engine's fast decode path (engine.backends.runners); storage is unchanged
 
     @property
     def name(self) -> str:

@@ -41,6 +41,7 @@ PRESETS = {
     "bitsandbytes: bf16 vs int8 vs NF4 vs FP4": ("bf16", "int8", "nf4", "fp4"),
     "How low can you go: HQQ 4 / 3 / 2-bit vs bf16": ("bf16", "hqq4", "hqq3", "hqq2"),
     "Three toolkits at 4 bits: NF4 vs HQQ vs GGUF": ("bf16", "nf4", "hqq4", "gguf"),
+    "Plain vs fast path: HQQ 4-bit and bf16, each both ways": ("bf16", "bf16 fast", "hqq4", "hqq4 fast"),
     "Sanity check: bf16 vs bf16 (identical → KL 0)": ("bf16", "bf16", OFF, OFF),
 }
 
@@ -77,6 +78,8 @@ def pane_header(p: PaneState) -> str:
     if m is not None:
         lines.append(f"TTFT {_s(m.ttft_s)} · **{_s(m.tokens_per_s, 'tok/s', 1)}** · {m.tokens} tokens "
                      f"({m.finish_reason})")
+        if m.decode_path:
+            lines.append(f"decode: {html.escape(m.decode_path)}")
         pred_w = _mib(m.predicted_weights_bytes)
         lines.append(f"weights {_mib(m.weights_bytes)} (calculator: {pred_w})")
         lines.append(f"peak {_mib(m.peak_bytes)} ({PEAK_KIND.get(m.peak_kind, m.peak_kind)}) · "

@@ -14,6 +14,8 @@ says so. Nothing heavy is imported until a backend is asked whether it is availa
 """
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import BackendUnavailableError, InputError
 from ..formats import parse_method
 from ..specs import QuantSpec
@@ -36,11 +38,29 @@ def availability() -> dict[str, tuple[bool, str]]:
     return {cls.name: cls.available() for cls in _classes()}
 
 
+FAST_METHODS = ("bf16", "fp16", "hqq4")
+FAST_SUFFIXES = ("-fast", "+fast", " fast")
+
+
 def parse_load_method(name: str, group_size: int | None = None, double_quant: bool = False,
                       dtype: str = "bf16") -> QuantSpec:
-    """:func:`engine.formats.parse_method` plus ``gguf`` alone: the GGUF file as shipped (type read at load)."""
+    """:func:`engine.formats.parse_method` plus ``gguf`` alone (the GGUF file as shipped, type read at load) and
+    the fast decode path: ``bf16-fast``, ``fp16-fast``, ``hqq4-fast`` (also written ``hqq4 fast``)."""
     if isinstance(name, str) and name.strip().lower() == "gguf":
         return QuantSpec(method="gguf", dtype="fp16", label="gguf")
+    if isinstance(name, str):
+        key = name.strip().lower()
+        for suffix in FAST_SUFFIXES:
+            if key.endswith(suffix):
+                base = key[: -len(suffix)].strip()
+                if base not in FAST_METHODS:
+                    raise InputError(f"The fast decode path is for {', '.join(FAST_METHODS)}; not for '{base}'. "
+                                     f"Drop '{suffix.strip()}' to run {base} on the plain path.")
+                q = parse_method(base, group_size=group_size, double_quant=double_quant, dtype=dtype)
+                if q.method == "hqq" and q.dtype != "bf16":
+                    raise InputError("hqq4-fast runs on PyTorch's int4 kernel, which computes in bf16; "
+                                     "use compute dtype bf16 (or plain hqq4 for fp16).")
+                return dataclasses.replace(q, fast=True, label=f"{q.label} fast")
     return parse_method(name, group_size=group_size, double_quant=double_quant, dtype=dtype)
 
 

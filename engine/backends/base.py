@@ -138,6 +138,7 @@ class LoadedModel:
     path: str = ""
     spec: Optional[ModelSpec] = None  # the model's shape, for the calculator's prediction (None if unknown)
     info: dict = field(default_factory=dict)
+    fast_runner: Any = field(default=None, repr=False)  # the fast path's StaticRunner (engine.backends.runners)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -159,6 +160,7 @@ class TokenStream:
 
     def __init__(self, gen_fn: Callable[["TokenStream"], Iterator[TokenEvent]]):
         self.prompt_tokens: int = 0
+        self.decode_path: str = ""  # how tokens were produced (plain / fast ...), when the backend says
         self.finish_reason: Optional[str] = None
         self.finished = threading.Event()
         self.started: float = time.perf_counter()
@@ -218,15 +220,19 @@ class Backend(ABC):
         Runs on the compute thread; ``1 <= start < len(ids)``."""
 
     def runtime_spec(self, loaded: LoadedModel, context_tokens: int) -> RuntimeSpec:
-        """The calculator's runtime for a run that ended with ``context_tokens`` tokens in context."""
+        """The calculator's runtime for a run that ended with ``context_tokens`` tokens in context (the fast
+        path's static cache holds all its positions from the start)."""
         dev = "cuda" if loaded.device.startswith("cuda") else "cpu"
-        return RuntimeSpec(context=max(1, context_tokens), batch=1, device=dev)
+        r = loaded.fast_runner
+        ctx = max(context_tokens, r.max_len) if r is not None else context_tokens
+        return RuntimeSpec(context=max(1, ctx), batch=1, device=dev)
 
     def unload(self, loaded: LoadedModel) -> None:
         """Drop the model and free its memory (CUDA cache included)."""
         with loaded.lock:
             loaded.model = None
             loaded.tokenizer = None
+            loaded.fast_runner = None
         release_freed_memory()
         try:
             import torch

@@ -61,39 +61,25 @@ def new_generator(device: str, seed: Optional[int]):
     return g
 
 
-def cache_keyword(model) -> str:
-    """``cache`` (transformers >= 5.24, where ``past_key_values`` is deprecated) or ``past_key_values``."""
-    import inspect
-
-    try:
-        params = inspect.signature(type(model).forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def decode_steps(model, input_ids, attention_mask, settings: GenerationSettings, eos: set,
+def decode_steps(runner, input_ids, attention_mask, settings: GenerationSettings, eos: set,
                  state: DecodeState, cancel: Optional[threading.Event] = None) -> Iterator[tuple[int, float]]:
     """Yield ``(token_id, perf_counter time)`` per generated token (batch 1).
 
-    Ends after an end-of-sequence token (it is yielded), after ``settings.max_new_tokens`` tokens, or when
-    ``cancel`` is set; ``state.finish_reason`` says which.
+    ``runner`` runs the forward passes (:mod:`engine.backends.runners`: the plain ``DynamicRunner`` or the fast
+    ``StaticRunner``). Ends after an end-of-sequence token (it is yielded), after ``settings.max_new_tokens``
+    tokens, or when ``cancel`` is set; ``state.finish_reason`` says which.
     """
-    from transformers import DynamicCache
-
     device = input_ids.device
     generator = None if settings.greedy else new_generator(str(device), settings.seed)
     state.prompt_tokens = int(input_ids.shape[1])
-    cache = {cache_keyword(model): DynamicCache(config=model.config)}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1, **cache)
-    mask = attention_mask
+    logits = runner.prefill(input_ids, attention_mask)
     while True:
-        nxt = pick_token(out.logits[:, -1, :], settings, generator)
+        nxt = pick_token(logits, settings, generator)
         tid = int(nxt.item())  # the one device->host sync per token
         t = time.perf_counter()
         state.tokens += 1
         state.ids.append(tid)
-        del out
+        del logits
         if tid in eos:
             state.finish_reason = "eos"
             yield tid, t
@@ -106,8 +92,4 @@ def decode_steps(model, input_ids, attention_mask, settings: GenerationSettings,
         if cancel is not None and cancel.is_set():
             state.finish_reason = "cancelled"
             return
-        if mask is not None:
-            import torch
-
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache)
+        logits = runner.step(nxt)

@@ -10,6 +10,10 @@ a candidate that is missing or fails is recorded with its reason in ``info["hqq_
 model is re-quantized before the next one (a failed patch can leave it half converted). The last resort is
 ``HQQBackend.PYTORCH``. ``HQQLinear.set_backend`` is class-wide in hqq: it affects every HQQ model in the
 process.
+
+The fast format (``hqq4-fast``) converts the 4-bit layers to PyTorch's own int4 kernel instead
+(:mod:`engine.backends.int4`: same codes, scales and zeros; on CPU and CUDA) and decodes on the fast path
+(:mod:`engine.backends.runners`).
 """
 from __future__ import annotations
 
@@ -64,6 +68,33 @@ class HQQBackend(HFBackend):
 
         model, q_s = self._quantize(path, quant, device)
         notes: list[str] = []
+        if quant.fast:
+            from . import int4
+
+            t = time.perf_counter()
+            if device.startswith("cuda") and _import_error("gemlite") is None:
+                from hqq.utils.patching import prepare_for_inference
+
+                try:
+                    prepare_for_inference(model, backend="gemlite")
+                    self._smoke(model, device)
+                    return model, q_s + time.perf_counter() - t, {"hqq_backend": "gemlite", "hqq_backend_notes": [
+                        "gemlite (HQQ's Triton kernels) is installed: used instead of PyTorch's int4 kernel"]}
+                except Exception as e:  # noqa: BLE001 - fall back to PyTorch's own kernel
+                    notes.append(f"gemlite: failed ({e.__class__.__name__}: {e})")
+                    del model
+                    model, q_s = self._quantize(path, quant, device)
+                    t = time.perf_counter()
+            n, left = int4.convert(model, device)
+            if not n:
+                raise InputError(f"{quant.name}: no layer can run on PyTorch's int4 kernel ({'; '.join(left)}). "
+                                 f"Use plain hqq{quant.bits}.")
+            if left and HQQLinear.backend not in (Kernel.PYTORCH, Kernel.PYTORCH_FORWARD):
+                HQQLinear.set_backend(Kernel.PYTORCH)
+            self._smoke(model, device)
+            return model, q_s + time.perf_counter() - t, {
+                "hqq_backend": "int4 kernel" + (" (some layers on HQQ's path)" if left else ""),
+                "hqq_backend_notes": notes + [f"{n} layers on PyTorch's int4 kernel (tinygemm)"] + left}
         if not device.startswith("cuda"):
             if HQQLinear.backend not in (Kernel.PYTORCH, Kernel.PYTORCH_FORWARD):
                 HQQLinear.set_backend(Kernel.PYTORCH)

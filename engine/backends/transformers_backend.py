@@ -96,6 +96,19 @@ def _eos_ids(model, tokenizer) -> set[int]:
 _LOAD_LOCK = threading.Lock()
 
 
+def pick_runner(loaded: LoadedModel, prompt_tokens: int, max_new_tokens: int):
+    """(runner, what it is) for one run: the fast path's static runner for a ``fast`` format when it is free,
+    else the plain path."""
+    from .runners import DynamicRunner, acquire
+
+    if loaded.quant.fast:
+        r = acquire(loaded, prompt_tokens, max_new_tokens)
+        if r is not None:
+            return r, ("fast: static cache + CUDA graph" if r.graphed else "fast: static cache (no CUDA graph on CPU)")
+        return DynamicRunner(loaded.model), "plain (the fast path was busy with another run of this model)"
+    return DynamicRunner(loaded.model), "plain"
+
+
 def hf_stream(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings,
               cancel_event: Optional[threading.Event]) -> TokenStream:
     """Stream from a transformers model (also used by HQQ): the chat template is applied in the caller's
@@ -121,7 +134,11 @@ def hf_stream(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings,
         def steps():
             ids = enc["input_ids"].to(dev)
             mask = enc["attention_mask"].to(dev) if "attention_mask" in enc else None
-            yield from decode_steps(model, ids, mask, settings, eos, state, cancel_event)
+            runner, ts.decode_path = pick_runner(loaded, ts.prompt_tokens, settings.max_new_tokens)
+            try:
+                yield from decode_steps(runner, ids, mask, settings, eos, state, cancel_event)
+            finally:
+                runner.release()
 
         handle = scheduler().stream(steps(), step_context=torch.inference_mode, cancel=cancel_event,
                                     name=f"{loaded.backend}:{loaded.method}")
@@ -220,11 +237,23 @@ class HFBackend(Backend):
                                  f"{e.__class__.__name__}: {e}") from e
         model.eval()
         release_freed_memory()
-        load_s = time.perf_counter() - t0
         info.setdefault("input_device", str(next(model.parameters()).device))
-        return LoadedModel(backend=self.name, ref=files.ref, quant=quant, device=device, model=model, tokenizer=tok,
-                           load_s=load_s, quantize_s=quantize_s, weights_bytes=weight_bytes(model),
-                           path=str(files.hf_dir), spec=model_spec(files), info=info)
+        loaded = LoadedModel(backend=self.name, ref=files.ref, quant=quant, device=device, model=model, tokenizer=tok,
+                             load_s=0.0, quantize_s=quantize_s, weights_bytes=weight_bytes(model),
+                             path=str(files.hf_dir), spec=model_spec(files), info=info)
+        if quant.fast:
+            from .runners import static_unavailable, warm
+
+            why = static_unavailable()
+            if why:
+                raise BackendUnavailableError(f"{quant.name} cannot run here: {why}. Use {quant.label.split()[0]}.")
+            try:
+                info["fast_warmup_s"] = round(warm(loaded), 2)
+            except (MemoryError, torch.OutOfMemoryError) as e:
+                raise ModelLoadError(f"Not enough memory on {device} for the fast path's static cache of "
+                                     f"{files.ref} as {quant.name}.") from e
+        loaded.load_s = time.perf_counter() - t0
+        return loaded
 
     def stream(self, loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = GenerationSettings(),
                cancel_event: Optional[threading.Event] = None) -> TokenStream:

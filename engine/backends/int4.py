@@ -1,0 +1,141 @@
+"""HQQ 4-bit layers on PyTorch's own int4 matmul kernel ("tinygemm"): the fused 4-bit path.
+
+PyTorch ships a weight-only int4 matmul that reads packed 4-bit codes plus one (scale, zero) pair per group and
+computes ``x @ dequant(W).T`` in one kernel, without a 16-bit copy of the weight: on CUDA
+``aten._weight_int4pack_mm`` (bf16 activations, Ampere or newer), on CPU ``aten._weight_int4pack_mm_for_cpu``.
+HQQ's default path instead dequantizes the whole weight to 16 bits and then multiplies, every token.
+
+Conversion keeps HQQ's codes exactly: tinygemm dequantizes ``w = (q - 8) * scale + zero`` and HQQ ``w = (q - z) * s``,
+so ``scale = s`` and ``zero = (8 - z) * s`` (computed in fp32, stored bf16). Memory is unchanged: the codes
+stay 4 bits each (two per byte) and one bf16 scale and zero per group, as HQQ stores them.
+
+hqq's own patch to this kernel (``prepare_for_inference(backend="torchao_int4")``) packs with the CUDA-only op,
+so it cannot run on CPU, and it picks the packed layout from ``float(torch.__version__[:3])`` (2.1 for 2.13);
+this conversion serves both devices and is tested against HQQ's dequantization (tests/test_fast.py).
+
+On CUDA, when gemlite (HQQ's Triton kernels, optional) is installed, ``hqq4-fast`` uses it instead
+(:mod:`engine.backends.hqq_backend`); measured on an H200 it was not faster (docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def why_not(layer, device: str) -> Optional[str]:
+    """None when ``layer`` (an ``HQQLinear``) can run on the int4 kernel on ``device``, else the reason."""
+    import torch
+
+    meta = getattr(layer, "meta", None) or {}
+    if meta.get("nbits") != 4:
+        return f"the kernel is 4-bit only (this layer is {meta.get('nbits')}-bit)"
+    if meta.get("axis") != 1:
+        return "the kernel needs HQQ's axis=1 grouping"
+    if meta.get("group_size") not in GROUP_SIZES:
+        return f"the kernel takes group sizes {', '.join(map(str, GROUP_SIZES))}, not {meta.get('group_size')}"
+    if meta.get("quant_scale") or meta.get("quant_zero") or meta.get("view_as_float"):
+        return "the kernel needs HQQ's plain (unquantized) scales and zeros"
+    if meta.get("compute_dtype") is not torch.bfloat16:
+        return "the kernel computes in bf16; load HQQ with compute dtype bf16"
+    out_f, in_f = meta["shape"]
+    if in_f % meta["group_size"]:
+        return f"the kernel needs groups within a row: {in_f} input features are not a multiple of {meta['group_size']}"
+    if out_f % 8:
+        return f"the kernel needs a multiple of 8 output features, not {out_f}"
+    if device.startswith("cuda") and torch.cuda.get_device_capability(torch.device(device))[0] < 8:
+        return "the CUDA kernel needs an Ampere or newer GPU (compute capability 8.0+)"
+    return None
+
+
+def _inner_k_tiles(in_features: int) -> int:
+    """The widest tiling the kernel accepts for this many input features (it needs k % (16 * tiles) == 0; a
+    multiple of a group size, which is a multiple of 32, always allows 2)."""
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+
+
+def _linear_cls():
+    import torch
+
+    class Int4Linear(torch.nn.Module):
+        """``y = x @ W.T + b`` with W as 4-bit codes in the kernel's packed layout (see the module docstring)."""
+
+        def __init__(self, packed, scales_zeros, in_features: int, out_features: int, group_size: int, bias):
+            super().__init__()
+            self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+            self.register_buffer("packed", packed)
+            self.register_buffer("scales_zeros", scales_zeros)
+            self.bias = bias
+            self.on_cuda = packed.is_cuda
+
+        def forward(self, x):
+            shape = x.shape
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+            if self.on_cuda:
+                y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*shape[:-1], self.out_features)
+
+        def extra_repr(self):
+            return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+    return Int4Linear
+
+
+_CLS = None
+
+
+def int4_linear_cls():
+    global _CLS
+    if _CLS is None:
+        _CLS = _linear_cls()
+    return _CLS
+
+
+def from_hqq(layer):
+    """An ``Int4Linear`` holding the same 4-bit codes, scales and zeros as the ``HQQLinear`` ``layer``."""
+    import torch
+    from hqq.core.quantize import Quantizer
+
+    meta = layer.meta
+    out_f, in_f = (int(d) for d in meta["shape"])
+    gs = int(meta["group_size"])
+    groups = out_f * in_f // gs
+    codes = Quantizer.unpack[meta["packing"]](layer.W_q)[:groups]  # [groups, gs] uint8, groups run along k
+    q = codes.reshape(out_f, in_f)
+    s = meta["scale"].reshape(out_f, in_f // gs).float()
+    z = meta["zero"].reshape(out_f, in_f // gs).float()
+    scales_zeros = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    tiles = _inner_k_tiles(in_f)
+    if q.is_cuda:
+        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), tiles)
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), tiles)
+    bias = layer.bias
+    if bias is not None:
+        bias = torch.nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+    return int4_linear_cls()(packed, scales_zeros, in_f, out_f, gs, bias)
+
+
+def convert(model, device: str) -> tuple[int, list[str]]:
+    """Replace every convertible ``HQQLinear`` of ``model`` by an ``Int4Linear`` in place.
+
+    Returns (layers converted, reasons for the layers left on HQQ's path, one line per distinct reason)."""
+    from hqq.core.quantize import HQQLinear
+
+    done, reasons = 0, {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, HQQLinear):
+                continue
+            why = why_not(child, device)
+            if why:
+                reasons.setdefault(why, 0)
+                reasons[why] += 1
+                continue
+            setattr(parent, name, from_hqq(child))
+            done += 1
+    return done, [f"{n} layer(s) stay on HQQ's path: {why}" for why, n in reasons.items()]

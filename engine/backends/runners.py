@@ -1,0 +1,214 @@
+"""How one decode step reaches the model: the plain path and the fast path.
+
+:class:`DynamicRunner` is the plain path: transformers' ``DynamicCache`` (the KV cache grows by one position per
+token) and one eager forward pass per token -- what ``model.generate`` does by default. On a GPU each token then
+costs hundreds of small kernel launches issued one by one from Python, so a small or 4-bit model waits on the
+CPU far more than on memory.
+
+:class:`StaticRunner` is the fast path: a ``StaticCache`` allocated once for ``max_len`` positions, and on CUDA
+the one-token forward pass captured in a CUDA graph at the first step and replayed for every later token (one
+launch per token instead of hundreds). transformers >= 5.24 keeps the write position of a static cache in a
+device tensor (``StaticLayer.cumulative_length``) and derives positions and the mask from it, so the captured
+step advances by itself on replay. The prefill runs eagerly (its length varies). On CPU there is no graph:
+the static cache alone (tests check it gives the plain path's tokens).
+
+A ``StaticRunner`` belongs to one loaded model and serves one run at a time (:func:`acquire`); a run that needs
+more positions than it holds replaces it by a longer one; a run that finds it busy takes the plain path.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+LEN_STEP = 512  # the static cache's length is rounded up to a multiple of this (a graph per length)
+CUDA_MIN_LEN = 2048  # on CUDA the runner built (and compiled, captured) at load holds at least this many positions
+
+
+def cache_keyword(model) -> str:
+    """``cache`` (transformers >= 5.24, where ``past_key_values`` is deprecated) or ``past_key_values``."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def static_unavailable() -> Optional[str]:
+    """None when this transformers can run the fast path, else why not."""
+    try:
+        from transformers.cache_utils import StaticLayer
+    except ImportError as e:  # pragma: no cover
+        return f"transformers has no StaticCache ({e})"
+    if "cumulative_length" not in getattr(StaticLayer, "__annotations__", {}):
+        import transformers
+
+        return (f"transformers {transformers.__version__} keeps the static cache's position on the host; the fast path "
+                "needs transformers >= 5.24")
+    return None
+
+
+class DynamicRunner:
+    """The plain path: a growing ``DynamicCache`` and one eager forward per token."""
+
+    graphed = False
+
+    def __init__(self, model):
+        self.model = model
+        self.kw = cache_keyword(model)
+
+    def prefill(self, ids, mask):
+        from transformers import DynamicCache
+
+        self.cache = {self.kw: DynamicCache(config=self.model.config)}
+        self.mask = mask
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, **self.cache)
+        return out.logits[:, -1, :]
+
+    def step(self, tok):
+        if self.mask is not None:
+            import torch
+
+            self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
+        return self.model(input_ids=tok, attention_mask=self.mask, use_cache=True, **self.cache).logits[:, -1, :]
+
+    def release(self):
+        self.cache = self.mask = None
+
+
+class StaticRunner:
+    """The fast path: a static KV cache of ``max_len`` positions and, on CUDA, a CUDA-graph decode step."""
+
+    def __init__(self, model, max_len: int, device: str):
+        import torch
+        from transformers import StaticCache
+
+        self.model = model
+        self.max_len = int(max_len)
+        self.kw = cache_keyword(model)
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
+        self.graphed = device.startswith("cuda")
+        self.tok = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.graph = None
+        self.out = None
+        self.busy = threading.Lock()
+        self.pos = 0
+        self.compiled = self.graphed and compile_wanted()
+        self._step_fn = torch.compile(self._forward, dynamic=False) if self.compiled else self._forward
+
+    def _forward(self, ids):
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.kw: self.cache}).logits[:, -1, :]
+
+    def prefill(self, ids, mask=None):
+        """Batch 1, no padding: the mask is implied by the cache's position (``mask`` is ignored)."""
+        if int(ids.shape[1]) >= self.max_len:
+            raise ValueError(f"a prompt of {int(ids.shape[1])} tokens does not fit a {self.max_len}-position cache")
+        self.cache.reset()
+        self.pos = int(ids.shape[1])
+        return self._forward(ids)
+
+    def step(self, tok):
+        if self.pos >= self.max_len:
+            raise ValueError(f"the static cache holds {self.max_len} positions")
+        self.pos += 1
+        if not self.graphed:
+            return self._forward(tok)
+        self.tok.copy_(tok)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.out
+
+    def _capture(self):
+        """Run the step once eagerly on a side stream (warm-up: kernels pick their algorithms, the cache's
+        lazily allocated tensors exist), step the cache position back, then capture the same step; the
+        replay right after it performs the step for real."""
+        import torch
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            self._step_fn(self.tok)
+            for layer in self.cache.layers:
+                layer.cumulative_length.sub_(1)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: loads and other runs on other threads may allocate while this thread captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.out = self._step_fn(self.tok)
+        self.graph = graph
+
+    def release(self):
+        if self.busy.locked():
+            self.busy.release()
+
+
+def compile_wanted() -> bool:
+    """``torch.compile`` of the captured step (fuses the many small element-wise kernels of a decoder layer);
+    on by default, ``QUANTSCOPE_FAST_COMPILE=0`` turns it off (graph only)."""
+    import os
+
+    return os.environ.get("QUANTSCOPE_FAST_COMPILE", "1") != "0"
+
+
+def needed_len(prompt_tokens: int, max_new_tokens: int, device: str = "cpu") -> int:
+    n = prompt_tokens + max_new_tokens + 1
+    n = -(-n // LEN_STEP) * LEN_STEP
+    return max(n, CUDA_MIN_LEN) if device.startswith("cuda") else n
+
+
+def warm(loaded) -> float:
+    """On CUDA, build the model's runner now and run one step through it, so that compiling and capturing
+    the step belong to the load, not to the first run. Returns the seconds it took (0.0 on CPU)."""
+    import time
+
+    import torch
+
+    if not loaded.device.startswith("cuda"):
+        return 0.0
+    t0 = time.perf_counter()
+    r = acquire(loaded, 1, 1)
+    try:
+        with torch.inference_mode():
+            dev = loaded.info.get("input_device", loaded.device)
+            logits = r.prefill(torch.zeros((1, 1), dtype=torch.long, device=dev))
+            r.step(logits.argmax(dim=-1, keepdim=True))
+            torch.cuda.synchronize()
+    finally:
+        r.release()
+    return time.perf_counter() - t0
+
+
+_RUNNERS_LOCK = threading.Lock()
+
+
+def acquire(loaded, prompt_tokens: int, max_new_tokens: int) -> Optional[StaticRunner]:
+    """The loaded model's static runner for one run, held until its ``release()``; a longer one replaces it when
+    it is too short. None while another run holds it (the caller takes the plain path: a second static cache
+    and graph per model would hold memory the calculator did not plan for)."""
+    need = needed_len(prompt_tokens, max_new_tokens, loaded.device)
+    with _RUNNERS_LOCK:
+        r = loaded.fast_runner
+        if r is not None:
+            if not r.busy.acquire(blocking=False):
+                return None
+            if r.max_len >= need:
+                return r
+            loaded.fast_runner = None
+            del r
+            release_cuda_cache()
+        r = StaticRunner(loaded.model, need, loaded.info.get("input_device", loaded.device))
+        r.busy.acquire()
+        loaded.fast_runner = r
+        return r
+
+
+def release_cuda_cache():
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,151 @@
+"""The fast decode path on CPU with the embedded model (its CUDA half is in tests/test_gpu.py).
+
+``hqq4-fast`` = HQQ 4-bit codes on PyTorch's own int4 kernel + a static KV cache; ``bf16-fast`` = the static cache
+alone (on CUDA both also capture the step in a CUDA graph). Same weights, same greedy tokens as the plain path.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("hqq")
+
+from engine.backends import backend_of, load, parse_load_method  # noqa: E402
+from engine.backends import int4, runners  # noqa: E402
+from engine.backends.base import GenerationSettings, TokenEvent  # noqa: E402
+from engine.compare import pane_quant  # noqa: E402
+from engine.errors import InputError  # noqa: E402
+from engine.generation import RunMetrics, run  # noqa: E402
+
+PROMPT = "What is the capital of France?"
+
+
+def _hqq(in_f=576, out_f=1536, bits=4, group_size=64, dtype=torch.bfloat16, bias=False, seed=0):
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    return HQQLinear(lin, BaseQuantizeConfig(nbits=bits, group_size=group_size), compute_dtype=dtype, device="cpu")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (4096, 1024)])
+def test_int4_layer_computes_what_hqq_dequantizes(shape, bias):
+    h = _hqq(*shape, bias=bias)
+    x = torch.randn(3, 5, shape[0], dtype=torch.bfloat16)
+    ref = x.float() @ h.dequantize().float().T + (h.bias.float() if bias else 0)
+    with torch.inference_mode():
+        got = int4.from_hqq(h)(x)
+        hqq_path = h(x)
+    assert got.shape == hqq_path.shape == (3, 5, shape[1]) and got.dtype == torch.bfloat16
+    scale = ref.abs().max().item()
+    # bf16 rounding of the scale, the folded zero and the output: well under 1% of the range (a wrong nibble
+    # order, zero formula or group layout gives errors of the order of the range itself)
+    assert (got.float() - ref).abs().max().item() < 0.01 * scale
+    assert (got.float() - hqq_path.float()).abs().max().item() < 0.01 * scale
+
+
+def test_int4_refuses_what_the_kernel_cannot_take_with_the_reason():
+    assert int4.why_not(_hqq(), "cpu") is None
+    assert "4-bit only" in int4.why_not(_hqq(bits=3), "cpu")
+    assert "group sizes" in int4.why_not(_hqq(group_size=16), "cpu")
+    assert "bf16" in int4.why_not(_hqq(dtype=torch.float16), "cpu")
+    assert "multiple of 8 output" in int4.why_not(_hqq(576, 1540), "cpu")
+    assert "groups within a row" in int4.why_not(_hqq(608, 1536, group_size=64), "cpu")
+
+
+def test_fast_method_names():
+    q = parse_load_method("hqq4-fast")
+    assert (q.method, q.bits, q.fast, q.label) == ("hqq", 4, True, "hqq4/g64 fast")
+    assert parse_load_method("bf16 fast").fast and parse_load_method("fp16+fast").label == "fp16 fast"
+    assert not parse_load_method("hqq4").fast
+    assert pane_quant("hqq4 fast") == q
+    for bad in ("nf4-fast", "hqq3-fast", "gguf fast", "int8 fast"):
+        with pytest.raises(InputError, match="fast decode path is for"):
+            parse_load_method(bad)
+    with pytest.raises(InputError, match="bf16"):
+        parse_load_method("hqq4-fast", dtype="fp16")
+
+
+def test_this_transformers_supports_the_fast_path():
+    assert runners.static_unavailable() is None
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {m: load("embedded", m, "cpu") for m in ("bf16", "bf16-fast", "hqq4", "hqq4-fast")}
+    yield out
+    for lm in out.values():
+        backend_of(lm).unload(lm)
+
+
+def collect(lm, settings, cancel=None, stop_after=None):
+    ids, metrics = [], None
+    for ev in run(lm, PROMPT, settings, cancel):
+        if isinstance(ev, RunMetrics):
+            metrics = ev
+        elif ev.token_id is not None:
+            ids.append(ev.token_id)
+            if stop_after and len(ids) == stop_after:
+                cancel.set()
+    return ids, metrics
+
+
+def test_fast_path_gives_the_plain_paths_tokens(models):
+    s = GenerationSettings(max_new_tokens=24)
+    for plain, fast in (("bf16", "bf16-fast"), ("hqq4", "hqq4-fast")):
+        ids_p, m_p = collect(models[plain], s)
+        ids_f, m_f = collect(models[fast], s)
+        assert ids_f == ids_p, (plain, ids_p, ids_f)
+        assert m_p.decode_path == "plain"
+        assert m_f.decode_path.startswith("fast: static cache")
+        assert "Paris" in m_f.text
+        assert models[fast].weights_bytes == models[plain].weights_bytes  # storage is unchanged
+    assert models["hqq4-fast"].info["hqq_backend"] == "int4 kernel"
+    assert models["hqq4"].info["hqq_backend"] == "pytorch"
+
+
+def test_fast_runner_is_one_per_model_grows_and_falls_back_when_busy(models):
+    lm = models["bf16-fast"]
+    r = runners.acquire(lm, 10, 20)
+    try:
+        assert r is lm.fast_runner and r.max_len == runners.LEN_STEP
+        assert runners.acquire(lm, 10, 20) is None  # held by "another run"
+        ids, m = collect(lm, GenerationSettings(max_new_tokens=6))
+        assert m.decode_path.startswith("plain (the fast path was busy")
+        assert len(ids) == 6
+    finally:
+        r.release()
+    big = runners.acquire(lm, runners.LEN_STEP, 20)  # needs more positions than the model's runner holds
+    big.release()
+    assert big is lm.fast_runner and big is not r and big.max_len == 2 * runners.LEN_STEP
+    # the calculator is asked about what the static cache holds, not the run's length
+    assert backend_of(lm).runtime_spec(lm, 40).context == big.max_len
+    ids, m = collect(lm, GenerationSettings(max_new_tokens=8))
+    assert m.decode_path.startswith("fast") and len(ids) == 8
+
+
+def test_fast_run_can_be_cancelled_and_frees_its_runner(models):
+    lm = models["hqq4-fast"]
+    cancel = threading.Event()
+    ids, m = collect(lm, GenerationSettings(max_new_tokens=200, temperature=0.7, seed=1), cancel, stop_after=3)
+    assert m.finish_reason == "cancelled" and 3 <= len(ids) <= 5
+    r = runners.acquire(lm, 10, 10)
+    assert r is not None
+    r.release()
+
+
+def test_fast_sampling_with_a_seed_is_reproducible(models):
+    s = GenerationSettings(max_new_tokens=16, temperature=0.8, seed=7)
+    a, _ = collect(models["hqq4-fast"], s)
+    b, _ = collect(models["hqq4-fast"], s)
+    c, _ = collect(models["hqq4-fast"], GenerationSettings(max_new_tokens=16, temperature=0.8, seed=8))
+    # (not compared with plain hqq4: the two kernels round differently in bf16, which moves samples, not argmaxes)
+    assert a == b and a != c
+
+
+def test_stream_events_are_tokens(models):
+    evs = list(backend_of(models["bf16-fast"]).stream(models["bf16-fast"], PROMPT, GenerationSettings(max_new_tokens=4)))
+    assert all(isinstance(e, TokenEvent) for e in evs) and len([e for e in evs if e.token_id is not None]) == 4
