@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Sequence
 from . import quality
 from .backends import backend_of, parse_load_method
 from .backends.base import GenerationSettings, LoadedModel, TokenEvent
-from .errors import InputError, QuantScopeError
+from .errors import FastPathError, InputError, QuantScopeError
 from .generation import RunMetrics
 from .specs import QuantSpec
 
@@ -56,10 +56,8 @@ def pane_quant(choice: str) -> QuantSpec:
         raise InputError(f"Double quantization applies to bitsandbytes 4-bit (nf4, fp4), not {c}.")
     try:
         return parse_load_method(c, double_quant=dq)
-    except InputError as e:
-        if "fast decode path" in str(e):
-            raise
-        raise InputError(f"Unknown pane format {choice!r}. Choose one of: {', '.join(PANE_CHOICES)}.") from None
+    except FastPathError:  # a known format the fast path does not serve: its own message says which do
+        raise
     except QuantScopeError:
         raise InputError(f"Unknown pane format {choice!r}. Choose one of: {', '.join(PANE_CHOICES)}.") from None
 

@@ -12,6 +12,10 @@ class InputError(QuantScopeError, ValueError):
     """A number or option the user gave is out of range or unknown."""
 
 
+class FastPathError(InputError):
+    """A known format asked for with the fast decode path, which does not serve it (the message says which do)."""
+
+
 class ConfigError(QuantScopeError):
     """A config.json is missing fields, malformed, or of an unsupported architecture."""
 

@@ -23,7 +23,6 @@ accounting does not depend on when the allocator hands memory back.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import threading
 import time
@@ -34,7 +33,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 from .backends import backend_for, backend_of, parse_load_method
-from .backends.base import GenerationSettings, LoadedModel, Prompt, check_device, is_embedded, locate, model_spec
+from .backends.base import (GenerationSettings, LoadedModel, Prompt, check_device, is_embedded, locate, model_spec,
+                            release_memory)
 from .monitor import mark
 from .errors import DoesNotFitError, InputError, OutOfMemoryDuringGenerationError, QuantScopeError
 from .memory import GiB, OVERHEAD_BYTES, estimate as calc_estimate
@@ -112,25 +112,6 @@ def free_memory(device: str) -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
-
-
-def release_memory(device: str) -> None:
-    """Collect garbage, empty PyTorch's CUDA cache on a GPU, and on Linux hand freed heap back (malloc_trim)."""
-    gc.collect()
-    if device.startswith("cuda"):
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover
-            pass
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

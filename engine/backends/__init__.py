@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import BackendUnavailableError, InputError
+from ..errors import BackendUnavailableError, FastPathError, InputError
 from ..formats import parse_method
 from ..specs import QuantSpec
 from .base import Backend, GenerationSettings, LoadedModel, TokenEvent, TokenStream, default_device, locate
@@ -54,11 +54,11 @@ def parse_load_method(name: str, group_size: int | None = None, double_quant: bo
             if key.endswith(suffix):
                 base = key[: -len(suffix)].strip()
                 if base not in FAST_METHODS:
-                    raise InputError(f"The fast decode path is for {', '.join(FAST_METHODS)}; not for '{base}'. "
+                    raise FastPathError(f"The fast decode path is for {', '.join(FAST_METHODS)}; not for '{base}'. "
                                      f"Drop '{suffix.strip()}' to run {base} on the plain path.")
                 q = parse_method(base, group_size=group_size, double_quant=double_quant, dtype=dtype)
                 if q.method == "hqq" and q.dtype != "bf16":
-                    raise InputError("hqq4-fast runs on PyTorch's int4 kernel, which computes in bf16; "
+                    raise FastPathError("hqq4-fast runs on PyTorch's int4 kernel, which computes in bf16; "
                                      "use compute dtype bf16 (or plain hqq4 for fp16).")
                 return dataclasses.replace(q, fast=True, label=f"{q.label} fast")
     return parse_method(name, group_size=group_size, double_quant=double_quant, dtype=dtype)

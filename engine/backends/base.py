@@ -233,14 +233,7 @@ class Backend(ABC):
             loaded.model = None
             loaded.tokenizer = None
             loaded.fast_runner = None
-        release_freed_memory()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        release_memory(loaded.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +329,20 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def release_memory(device: str) -> None:
+    """:func:`release_freed_memory`, and on a GPU PyTorch's CUDA cache emptied too (after an unload or a dropped
+    static cache), so that NVML and the next load see the memory as free."""
+    release_freed_memory()
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
 
 
 def torch_dtype(name: str):

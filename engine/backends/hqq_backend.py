@@ -63,6 +63,23 @@ class HQQBackend(HFBackend):
         with torch.inference_mode():
             model(input_ids=torch.tensor([[1, 2]], device=device))
 
+    def _patched(self, model, q_s, cand, path, quant, device, notes):
+        """``prepare_for_inference(backend=cand)`` checked with a two-token forward: (model, seconds including the
+        patch, True), or on failure the reason in ``notes`` and a freshly quantized model (a failed patch can leave
+        it half converted): (model, its quantize seconds, False)."""
+        from hqq.utils.patching import prepare_for_inference
+
+        t = time.perf_counter()
+        try:
+            prepare_for_inference(model, backend=cand)
+            self._smoke(model, device)
+        except Exception as e:  # noqa: BLE001 - the caller falls back to the next kernel
+            notes.append(f"{cand}: failed ({e.__class__.__name__}: {e})")
+            del model
+            model, q_s = self._quantize(path, quant, device)
+            return model, q_s, False
+        return model, q_s + time.perf_counter() - t, True
+
     def _build(self, path, quant, device):
         from hqq.core.quantize import HQQBackend as Kernel, HQQLinear
 
@@ -71,20 +88,12 @@ class HQQBackend(HFBackend):
         if quant.fast:
             from . import int4
 
-            t = time.perf_counter()
             if device.startswith("cuda") and _import_error("gemlite") is None:
-                from hqq.utils.patching import prepare_for_inference
-
-                try:
-                    prepare_for_inference(model, backend="gemlite")
-                    self._smoke(model, device)
-                    return model, q_s + time.perf_counter() - t, {"hqq_backend": "gemlite", "hqq_backend_notes": [
+                model, q_s, ok = self._patched(model, q_s, "gemlite", path, quant, device, notes)
+                if ok:
+                    return model, q_s, {"hqq_backend": "gemlite", "hqq_backend_notes": [
                         "gemlite (HQQ's Triton kernels) is installed: used instead of PyTorch's int4 kernel"]}
-                except Exception as e:  # noqa: BLE001 - fall back to PyTorch's own kernel
-                    notes.append(f"gemlite: failed ({e.__class__.__name__}: {e})")
-                    del model
-                    model, q_s = self._quantize(path, quant, device)
-                    t = time.perf_counter()
+            t = time.perf_counter()
             n, left = int4.convert(model, device)
             if not n:
                 raise InputError(f"{quant.name}: no layer can run on PyTorch's int4 kernel ({'; '.join(left)}). "
@@ -100,8 +109,6 @@ class HQQBackend(HFBackend):
                 HQQLinear.set_backend(Kernel.PYTORCH)
             return model, q_s, {"hqq_backend": "pytorch", "hqq_backend_notes":
                                 ["CPU: HQQ's PyTorch path (dequantize then matmul) is its only CPU kernel"]}
-        from hqq.utils.patching import prepare_for_inference
-
         for cand in CUDA_CANDIDATES:
             lib = {"gemlite": "gemlite", "torchao_int4": "torchao", "bitblas": "bitblas"}[cand]
             why = _import_error(lib)
@@ -110,16 +117,9 @@ class HQQBackend(HFBackend):
             if why:
                 notes.append(f"{cand}: {why}")
                 continue
-            t = time.perf_counter()
-            try:
-                prepare_for_inference(model, backend=cand)
-                self._smoke(model, device)
-            except Exception as e:  # noqa: BLE001 - fall back to the next kernel
-                notes.append(f"{cand}: failed ({e.__class__.__name__}: {e})")
-                del model
-                model, q_s = self._quantize(path, quant, device)
-                continue
-            return model, q_s + time.perf_counter() - t, {"hqq_backend": cand, "hqq_backend_notes": notes}
+            model, q_s, ok = self._patched(model, q_s, cand, path, quant, device, notes)
+            if ok:
+                return model, q_s, {"hqq_backend": cand, "hqq_backend_notes": notes}
         HQQLinear.set_backend(Kernel.PYTORCH)
         notes.append("pytorch: HQQ's default dequantize-then-matmul path")
         return model, q_s, {"hqq_backend": "pytorch", "hqq_backend_notes": notes}

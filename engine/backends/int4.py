@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch  # this module is imported only where a model is being loaded (engine.backends.hqq_backend)
+
 GROUP_SIZES = (32, 64, 128, 256)
 
 
 def why_not(layer, device: str) -> Optional[str]:
     """None when ``layer`` (an ``HQQLinear``) can run on the int4 kernel on ``device``, else the reason."""
-    import torch
-
     meta = getattr(layer, "meta", None) or {}
     if meta.get("nbits") != 4:
         return f"the kernel is 4-bit only (this layer is {meta.get('nbits')}-bit)"
@@ -54,50 +54,34 @@ def _inner_k_tiles(in_features: int) -> int:
     return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
 
 
-def _linear_cls():
-    import torch
+class Int4Linear(torch.nn.Module):
+    """``y = x @ W.T + b`` with W as 4-bit codes in the kernel's packed layout (see the module docstring)."""
 
-    class Int4Linear(torch.nn.Module):
-        """``y = x @ W.T + b`` with W as 4-bit codes in the kernel's packed layout (see the module docstring)."""
+    def __init__(self, packed, scales_zeros, in_features: int, out_features: int, group_size: int, bias):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.bias = bias
+        self.on_cuda = packed.is_cuda
 
-        def __init__(self, packed, scales_zeros, in_features: int, out_features: int, group_size: int, bias):
-            super().__init__()
-            self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-            self.register_buffer("packed", packed)
-            self.register_buffer("scales_zeros", scales_zeros)
-            self.bias = bias
-            self.on_cuda = packed.is_cuda
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if self.on_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
 
-        def forward(self, x):
-            shape = x.shape
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-            if self.on_cuda:
-                y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
-            else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*shape[:-1], self.out_features)
-
-        def extra_repr(self):
-            return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
-
-    return Int4Linear
-
-
-_CLS = None
-
-
-def int4_linear_cls():
-    global _CLS
-    if _CLS is None:
-        _CLS = _linear_cls()
-    return _CLS
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
 def from_hqq(layer):
     """An ``Int4Linear`` holding the same 4-bit codes, scales and zeros as the ``HQQLinear`` ``layer``."""
-    import torch
     from hqq.core.quantize import Quantizer
 
     meta = layer.meta
@@ -117,7 +101,7 @@ def from_hqq(layer):
     bias = layer.bias
     if bias is not None:
         bias = torch.nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
-    return int4_linear_cls()(packed, scales_zeros, in_f, out_f, gs, bias)
+    return Int4Linear(packed, scales_zeros, in_f, out_f, gs, bias)
 
 
 def convert(model, device: str) -> tuple[int, list[str]]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import threading
 from typing import Optional
 
+from .base import release_memory
+
 LEN_STEP = 512  # the static cache's length is rounded up to a multiple of this (a graph per length)
 CUDA_MIN_LEN = 2048  # on CUDA the runner built (and compiled, captured) at load holds at least this many positions
 
@@ -51,8 +53,6 @@ def static_unavailable() -> Optional[str]:
 
 class DynamicRunner:
     """The plain path: a growing ``DynamicCache`` and one eager forward per token."""
-
-    graphed = False
 
     def __init__(self, model):
         self.model = model
@@ -94,8 +94,8 @@ class StaticRunner:
         self.out = None
         self.busy = threading.Lock()
         self.pos = 0
-        self.compiled = self.graphed and compile_wanted()
-        self._step_fn = torch.compile(self._forward, dynamic=False) if self.compiled else self._forward
+        compiled = self.graphed and compile_wanted()
+        self._step_fn = torch.compile(self._forward, dynamic=False) if compiled else self._forward
 
     def _forward(self, ids):
         return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.kw: self.cache}).logits[:, -1, :]
@@ -197,18 +197,9 @@ def acquire(loaded, prompt_tokens: int, max_new_tokens: int) -> Optional[StaticR
                 return r
             loaded.fast_runner = None
             del r
-            release_cuda_cache()
+            release_memory(loaded.device)
         r = StaticRunner(loaded.model, need, loaded.info.get("input_device", loaded.device))
         r.busy.acquire()
         loaded.fast_runner = r
         return r
 
-
-def release_cuda_cache():
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
