@@ -232,6 +232,7 @@ def main() -> int:
     ap.add_argument("--contexts", default="512,4096,8192")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--keep-checkpoints", action="store_true", help="keep the random checkpoints for another run")
     a = ap.parse_args()
     if a.report:
         return report(a.report, a.chart)
@@ -272,7 +273,8 @@ def main() -> int:
                 speed = (f"tok/s engine {r['tps_engine']:.1f} raw {r['tps_raw']:.1f} roofline "
                          f"{r['roofline_fraction']:.0%}") if "tps_engine" in r else r.get("decode", "")
                 print(f"{preset} {r['format']:8} {r['wall_s']:5.0f}s {speed} | peak/nvml err {errs}", flush=True)
-        shutil.rmtree(ckpt, ignore_errors=True)  # the disk holds one 8B checkpoint at a time
+        if not a.keep_checkpoints:
+            shutil.rmtree(ckpt, ignore_errors=True)  # the disk holds one 8B checkpoint at a time
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s; JSON lines in {out}")
     return 0 if all("error" not in r for r in rows) else 1
 

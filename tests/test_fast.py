@@ -174,3 +174,66 @@ def test_fast_sampling_with_a_seed_is_reproducible(models):
 def test_stream_events_are_tokens(models):
     evs = list(backend_of(models["bf16-fast"]).stream(models["bf16-fast"], PROMPT, GenerationSettings(max_new_tokens=4)))
     assert all(isinstance(e, TokenEvent) for e in evs) and len([e for e in evs if e.token_id is not None]) == 4
+
+
+def _decode(lm, settings, eos=frozenset(), pipelined=False):
+    """decode_steps on the model's static runner (CPU), pipelined as on CUDA when asked; (ids, steps launched)."""
+    from engine.backends.decode import DecodeState, decode_steps
+
+    ids = torch.tensor([backend_of(lm).chat_ids(lm, PROMPT, settings)])
+    r = runners.acquire(lm, int(ids.shape[1]), settings.max_new_tokens)
+    launched = []
+    step = r.step
+    r.step = lambda tok: launched.append(1) or step(tok)
+    r.pipelined = pipelined
+    try:
+        with torch.inference_mode():
+            out = [t for t, _ in decode_steps(r, ids, None, settings, set(eos), DecodeState())]
+    finally:
+        del r.step
+        r.pipelined = False
+        r.release()
+    return out, len(launched)
+
+
+@pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=12),
+                                      GenerationSettings(max_new_tokens=12, temperature=0.8, seed=3)])
+def test_pipelined_decode_gives_the_same_tokens(models, settings):
+    """On CUDA the fast path launches the next step before reading the token (decode_steps): the same tokens
+    (greedy and seeded sampling), no extra step at a length stop, one wasted step at an end of sequence."""
+    lm = models["hqq4-fast"]
+    plain, n_plain = _decode(lm, settings)
+    piped, n_piped = _decode(lm, settings, pipelined=True)
+    assert piped == plain and len(plain) == 12
+    assert n_plain == n_piped == 11
+    stop = plain[4]
+    k = plain.index(stop)
+    plain_eos, n1 = _decode(lm, settings, eos={stop})
+    piped_eos, n2 = _decode(lm, settings, eos={stop}, pipelined=True)
+    assert plain_eos == piped_eos == plain[:k + 1]
+    assert (n1, n2) == (k, k + 1)
+
+
+def test_gqa_attention_inside_compile_matches_transformers_sdpa(monkeypatch):
+    """The fast path's attention (runners.gqa_attention): inside torch.compile, one query token attends the grouped
+    key/value heads directly (no per-head copy of the cache) and gives transformers' SDPA result."""
+    import types
+
+    import transformers.integrations.sdpa_attention as sdpa
+
+    torch.manual_seed(0)
+    mod = types.SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    q = torch.randn(1, 9, 1, 64)
+    k, v = torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64)
+    mask = (torch.arange(40) <= 25).reshape(1, 1, 1, 40)
+    want, _ = sdpa.sdpa_attention_forward(mod, q, k, v, mask, scaling=0.125)
+
+    def no_copy(*a, **kw):
+        raise AssertionError("repeat_kv called: the grouped path was not taken")
+
+    monkeypatch.setattr(sdpa, "repeat_kv", no_copy)
+    torch._dynamo.reset()
+    got, _ = torch.compile(lambda q, k, v, m: runners.gqa_attention(mod, q, k, v, m, scaling=0.125),
+                           backend="eager", fullgraph=True)(q, k, v, mask)
+    assert got.shape == want.shape == (1, 1, 9, 64)
+    assert torch.allclose(got, want, atol=1e-5)

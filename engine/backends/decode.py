@@ -72,14 +72,21 @@ def decode_steps(runner, input_ids, attention_mask, settings: GenerationSettings
     device = input_ids.device
     generator = None if settings.greedy else new_generator(str(device), settings.seed)
     state.prompt_tokens = int(input_ids.shape[1])
-    logits = runner.prefill(input_ids, attention_mask)
+    nxt = pick_token(runner.prefill(input_ids, attention_mask), settings, generator)
     while True:
-        nxt = pick_token(logits, settings, generator)
-        tid = int(nxt.item())  # the one device->host sync per token
+        # Pipelined (fast path on CUDA): the step that follows this token is launched before the host reads the
+        # token, so the GPU works on it while this run streams the token and other runs take their turn. At an
+        # end of sequence that step is wasted (the run is over; the next run's prefill resets the cache).
+        ahead = runner.pipelined and state.tokens + 1 < settings.max_new_tokens
+        if ahead:
+            runner.send(nxt)
+            logits = runner.step(nxt)
+            tid = runner.received()
+        else:
+            tid = int(nxt.item())  # the one device->host sync per token
         t = time.perf_counter()
         state.tokens += 1
         state.ids.append(tid)
-        del logits
         if tid in eos:
             state.finish_reason = "eos"
             yield tid, t
@@ -92,4 +99,7 @@ def decode_steps(runner, input_ids, attention_mask, settings: GenerationSettings
         if cancel is not None and cancel.is_set():
             state.finish_reason = "cancelled"
             return
-        logits = runner.step(nxt)
+        if not ahead:
+            logits = runner.step(nxt)
+        nxt = pick_token(logits, settings, generator)
+        del logits

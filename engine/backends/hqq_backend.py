@@ -12,8 +12,8 @@ model is re-quantized before the next one (a failed patch can leave it half conv
 process.
 
 The fast format (``hqq4-fast``) converts the 4-bit layers to PyTorch's own int4 kernel instead
-(:mod:`engine.backends.int4`: same codes, scales and zeros; on CPU and CUDA) and decodes on the fast path
-(:mod:`engine.backends.runners`).
+(:mod:`engine.backends.int4`: same codes, scales and zeros; on CPU and CUDA; gemlite is not used there, it was not
+faster on an H200) and decodes on the fast path (:mod:`engine.backends.runners`).
 """
 from __future__ import annotations
 
@@ -88,11 +88,6 @@ class HQQBackend(HFBackend):
         if quant.fast:
             from . import int4
 
-            if device.startswith("cuda") and _import_error("gemlite") is None:
-                model, q_s, ok = self._patched(model, q_s, "gemlite", path, quant, device, notes)
-                if ok:
-                    return model, q_s, {"hqq_backend": "gemlite", "hqq_backend_notes": [
-                        "gemlite (HQQ's Triton kernels) is installed: used instead of PyTorch's int4 kernel"]}
             t = time.perf_counter()
             n, left = int4.convert(model, device)
             if not n:
@@ -103,7 +98,7 @@ class HQQBackend(HFBackend):
             self._smoke(model, device)
             return model, q_s + time.perf_counter() - t, {
                 "hqq_backend": "int4 kernel" + (" (some layers on HQQ's path)" if left else ""),
-                "hqq_backend_notes": notes + [f"{n} layers on PyTorch's int4 kernel (tinygemm)"] + left}
+                "hqq_backend_notes": [f"{n} layers on PyTorch's int4 kernel (tinygemm)"] + left}
         if not device.startswith("cuda"):
             if HQQLinear.backend not in (Kernel.PYTORCH, Kernel.PYTORCH_FORWARD):
                 HQQLinear.set_backend(Kernel.PYTORCH)

@@ -13,8 +13,9 @@ hqq's own patch to this kernel (``prepare_for_inference(backend="torchao_int4")`
 so it cannot run on CPU, and it picks the packed layout from ``float(torch.__version__[:3])`` (2.1 for 2.13);
 this conversion serves both devices and is tested against HQQ's dequantization (tests/test_fast.py).
 
-On CUDA, when gemlite (HQQ's Triton kernels, optional) is installed, ``hqq4-fast`` uses it instead
-(:mod:`engine.backends.hqq_backend`); measured on an H200 it was not faster (docs/benchmarks.md).
+Measured on an H200 (bench/gpu_int4_kernels.py, docs/benchmarks.md) this kernel reads 4-bit weights at 36-45% of
+the copy bandwidth per layer at batch 1; gemlite (HQQ's Triton kernels) was not faster on the whole model, nor was
+a Triton kernel of our own (bench/int4_triton.py, 26-37%), so ``hqq4-fast`` uses this one alone.
 """
 from __future__ import annotations
 
@@ -80,27 +81,38 @@ class Int4Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
-def from_hqq(layer):
-    """An ``Int4Linear`` holding the same 4-bit codes, scales and zeros as the ``HQQLinear`` ``layer``."""
+def codes(layer):
+    """(q [N, K] uint8 codes, s, z [N, K / group size] fp32, bias or None) of the ``HQQLinear`` ``layer``."""
     from hqq.core.quantize import Quantizer
 
     meta = layer.meta
     out_f, in_f = (int(d) for d in meta["shape"])
     gs = int(meta["group_size"])
     groups = out_f * in_f // gs
-    codes = Quantizer.unpack[meta["packing"]](layer.W_q)[:groups]  # [groups, gs] uint8, groups run along k
-    q = codes.reshape(out_f, in_f)
+    q = Quantizer.unpack[meta["packing"]](layer.W_q)[:groups].reshape(out_f, in_f)  # groups run along k
     s = meta["scale"].reshape(out_f, in_f // gs).float()
     z = meta["zero"].reshape(out_f, in_f // gs).float()
+    bias = layer.bias
+    if bias is not None:
+        bias = torch.nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
+    return q, s, z, bias
+
+
+def from_hqq(layer):
+    """An ``Int4Linear`` holding the same 4-bit codes, scales and zeros as the ``HQQLinear`` ``layer``."""
+    q, s, z, bias = codes(layer)
+    return from_codes(q, s, z, int(layer.meta["group_size"]), bias)
+
+
+def from_codes(q, s, z, gs: int, bias=None):
+    """An ``Int4Linear`` from codes ``q`` [N, K] (0..15), HQQ's scales and zeros [N, K / gs]."""
+    out_f, in_f = q.shape
     scales_zeros = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     tiles = _inner_k_tiles(in_f)
     if q.is_cuda:
         packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), tiles)
     else:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), tiles)
-    bias = layer.bias
-    if bias is not None:
-        bias = torch.nn.Parameter(bias.detach().to(torch.bfloat16), requires_grad=False)
     return Int4Linear(packed, scales_zeros, in_f, out_f, gs, bias)
 
 

@@ -10,7 +10,10 @@ the one-token forward pass captured in a CUDA graph at the first step and replay
 launch per token instead of hundreds). transformers >= 5.24 keeps the write position of a static cache in a
 device tensor (``StaticLayer.cumulative_length``) and derives positions and the mask from it, so the captured
 step advances by itself on replay. The prefill runs eagerly (its length varies). On CPU there is no graph:
-the static cache alone (tests check it gives the plain path's tokens).
+the static cache alone (tests check it gives the plain path's tokens). Two more things make the CUDA step fast:
+one-token attention on the grouped key/value heads without a per-head copy of the cache (:func:`gqa_attention`),
+and pipelining (:meth:`StaticRunner.send`/:meth:`StaticRunner.received`, used by ``decode_steps``): the next step
+is launched before the host reads the token, so the GPU does not wait while Python streams it.
 
 A ``StaticRunner`` belongs to one loaded model and serves one run at a time (:func:`acquire`); a run that needs
 more positions than it holds replaces it by a longer one; a run that finds it busy takes the plain path.
@@ -51,8 +54,46 @@ def static_unavailable() -> Optional[str]:
     return None
 
 
+GQA_ATTENTION = "quantscope_sdpa"
+
+
+def gqa_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' SDPA attention, except for one query token inside ``torch.compile`` (the fast path's captured
+    step), where grouped key/value heads go to SDPA as they are (``enable_gqa=True``). transformers 5.24 copies the
+    key/value cache once per query head there (``repeat_kv``; it avoids the copy only outside compilation): on the
+    static cache of an 8B model (2,048 positions) that took 0.90 ms of each token, against 0.30 ms for this
+    (H200, compiled and graphed, 32 layers; bench/results/gpu_attention_h200_2026-11-26.log). Everything else,
+    the prompt and the plain path included, goes to transformers' own function."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (getattr(module, "num_key_value_groups", 1) > 1 and query.shape[2] == 1 and torch.compiler.is_compiling()
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and key.shape[-1] == value.shape[-1]):
+        scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+
+
+def use_gqa_attention(model) -> bool:
+    """Switch a model on transformers' SDPA attention to :func:`gqa_attention` (registered once)."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GQA_ATTENTION, gqa_attention)
+    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(GQA_ATTENTION)
+    return True
+
+
 class DynamicRunner:
     """The plain path: a growing ``DynamicCache`` and one eager forward per token."""
+
+    pipelined = False  # see StaticRunner
 
     def __init__(self, model):
         self.model = model
@@ -87,6 +128,7 @@ class StaticRunner:
         self.model = model
         self.max_len = int(max_len)
         self.kw = cache_keyword(model)
+        use_gqa_attention(model)
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
         self.graphed = device.startswith("cuda")
         self.tok = torch.zeros((1, 1), dtype=torch.long, device=device)
@@ -94,6 +136,11 @@ class StaticRunner:
         self.out = None
         self.busy = threading.Lock()
         self.pos = 0
+        # On CUDA a run is pipelined: the next step is launched before the host reads the token it follows from
+        # (decode_steps), through a pinned buffer and an event, so the GPU does not wait while Python streams.
+        self.pipelined = self.graphed
+        self._host = torch.empty((1, 1), dtype=torch.long, pin_memory=self.graphed)
+        self._copied = torch.cuda.Event() if self.graphed else None  # on CPU the copy is done when copy_ returns
         compiled = self.graphed and compile_wanted()
         self._step_fn = torch.compile(self._forward, dynamic=False) if compiled else self._forward
 
@@ -138,6 +185,18 @@ class StaticRunner:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.out = self._step_fn(self.tok)
         self.graph = graph
+
+    def send(self, tok):
+        """Start copying the token tensor ``tok`` to the host (read it with :meth:`received` after launching
+        the next step)."""
+        self._host.copy_(tok, non_blocking=self.graphed)
+        if self._copied is not None:
+            self._copied.record()
+
+    def received(self) -> int:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return int(self._host[0, 0])
 
     def release(self):
         if self.busy.locked():
