@@ -78,17 +78,19 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     import time
     from urllib.parse import urlparse
 
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
     now = time.monotonic()
-    hit = _reach_cache.get(host)
+    hit = _reach_cache.get(f"{host}:{port}")
     if hit and now - hit[0] < 60:
         return hit[1]
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             ok = True
     except OSError:
         ok = False
-    _reach_cache[host] = (now, ok)
+    _reach_cache[f"{host}:{port}"] = (now, ok)
     return ok
 
 

@@ -36,6 +36,7 @@ FIRST_LABEL = "first difference"
 STREAM_INTERVAL_S = 0.15  # at most ~7 token updates a second per run reach the page
 
 # One-click comparisons for a class (pane A is always the 16-bit baseline).
+ONLINE_SUGGESTION = "HuggingFaceTB/SmolLM2-360M-Instruct"  # a small instruct model, when online
 PRESETS = {
     "The lesson's setup: bf16 vs NF4 + double quant": ("bf16", "nf4 + double quant", OFF, OFF),
     "bitsandbytes: bf16 vs int8 vs NF4 vs FP4": ("bf16", "int8", "nf4", "fp4"),
@@ -281,9 +282,10 @@ def build_tab(services) -> None:
             preset = gr.Dropdown(list(PRESETS), value=None, label="Classroom presets",
                                  info="Fills the panes with a ready-made comparison", elem_id="cmp-preset")
     with gr.Row():
-        model = gr.Dropdown(["embedded"], value="embedded", label="Model", allow_custom_value=True, scale=2,
-                            info="embedded = SmolLM2-135M-Instruct shipped with the app (its 16-bit weights are "
-                                 "the exact dequantisation of a Q4_1 GGUF)")
+        model = gr.Dropdown(["embedded", ONLINE_SUGGESTION], value="embedded", label="Model", allow_custom_value=True,
+                            scale=2, info="embedded = SmolLM2-135M-Instruct shipped with the app (its 16-bit weights "
+                                          "are the exact dequantisation of a Q4_1 GGUF); or a Hub id, downloaded "
+                                          "when online (owner/name:FILE for a GGUF repository), or a local folder")
         pane_inputs = []
         for i, letter in enumerate("ABCD"):
             choices = list(PANE_CHOICES) + ([OFF] if i >= 1 else [])

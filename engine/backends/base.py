@@ -7,8 +7,9 @@ token at a time through a :class:`TokenStream`, which can be cancelled from anot
 not (:meth:`Backend.available`).
 
 Model references (:func:`locate`): ``embedded`` (the bundled SmolLM2-135M-Instruct, see
-:mod:`engine.embedded`), a local Hugging Face model folder, a local ``.gguf`` file, or a Hub id already in
-the local Hugging Face cache (weights are never downloaded here).
+:mod:`engine.embedded`), a local Hugging Face model folder, a local ``.gguf`` file, or a Hub id (``owner/name``,
+or ``owner/name:FILE`` for a GGUF repository): from the local Hugging Face cache, else downloaded when online
+(:mod:`engine.hub`).
 """
 from __future__ import annotations
 
@@ -287,22 +288,20 @@ def locate(ref: str, kind: str) -> ModelFiles:
 
         _refuse_remote_code(path / "config.json", path.name)  # trust_remote_code is never enabled
         return ModelFiles(ref=ref, hf_dir=path, spec_ref=str(path))
-    if ref.startswith((".", "/", "~")) or path.suffix.lower() == ".gguf":
-        raise ModelNotFoundError(f"No model file or folder at '{ref}'.")
+    from .. import hub
     from ..sources import HUB_ID
 
-    if HUB_ID.match(ref) and kind == "hf":
-        try:
-            from huggingface_hub import snapshot_download
+    hub_gguf = hub.HUB_GGUF.match(ref)
+    if ref.startswith((".", "/", "~")) or (path.suffix.lower() == ".gguf" and not (hub_gguf and hub_gguf["pick"])):
+        raise ModelNotFoundError(f"No model file or folder at '{ref}'.")
 
-            local = Path(snapshot_download(ref, local_files_only=True))
-        except Exception:  # noqa: BLE001 - any miss means "not in the local cache"
-            local = None
-        if local is not None and (local / "config.json").is_file():
-            return ModelFiles(ref=ref, hf_dir=local, spec_ref=str(local))
-        raise ModelNotFoundError(f"'{ref}' is not in the local Hugging Face cache, and QuantScope does not download "
-                                 "weights. Download it first (huggingface-cli download), or use 'embedded'.")
-    raise ModelNotFoundError(f"'{ref}' is not 'embedded', a local model folder, or a .gguf file.")
+    if HUB_ID.match(ref) and kind == "hf":
+        local = hub.hf_model(ref)
+        return ModelFiles(ref=ref, hf_dir=local, spec_ref=str(local))
+    if hub_gguf and kind == "gguf":
+        return ModelFiles(ref=ref, gguf=hub.gguf_file(ref))
+    raise ModelNotFoundError(f"'{ref}' is not 'embedded', a local model folder, a .gguf file or a Hub id "
+                             "(owner/name; owner/name:FILE for a GGUF repository).")
 
 
 def model_spec(files: ModelFiles) -> Optional[ModelSpec]:
