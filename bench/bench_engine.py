@@ -1,6 +1,6 @@
 """Engine streaming vs. the raw library call (issue 3): decode tokens/s on the same loaded model, in one run.
 
-    .venv/bin/python bench/bench_engine.py [--tokens 64] [--reps 3] [--backends bf16,nf4,hqq4,gguf]
+    .venv/bin/python bench/bench_engine.py [--tokens 64] [--reps 3] [--backends bf16,nf4,hqq4,gguf,bf16-fast,hqq4-fast]
 
 For each backend path -- bf16 (transformers), nf4 (bitsandbytes), hqq4 (HQQ), gguf (llama.cpp) -- the
 embedded model (SmolLM2-135M-Instruct) is loaded once through ``engine.backends.load("embedded", ...)`` on
@@ -16,7 +16,9 @@ the CPU, and two ways of decoding the same prompt tokens are timed on that *same
   bitsandbytes / HQQ: ``model.generate(**inputs,
   max_new_tokens=N, min_new_tokens=N, do_sample=False)`` on the chat-template tokens the engine builds;
   llama.cpp: ``Llama.generate(tokens, temp=0.0, repeat_penalty=1.0, reset=True)`` on the tokens the engine
-  builds (same template, same tokenisation), stopped after N tokens.
+  builds (same template, same tokenisation), stopped after N tokens. The fast formats (``bf16-fast``,
+  ``hqq4-fast``): the model's static runner (the path the engine wraps) driven by a bare prefill / argmax /
+  step loop (``gpu_engine_check._raw_fast``, the GPU benchmarks' raw side too).
 
 Decode tokens/s is computed the same way on both sides: (tokens - 1) / (time of the last token - time of the
 first token), so the prefill (time to first token) is excluded. Choice for raw ``generate``: a minimal
@@ -47,6 +49,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
@@ -60,7 +63,7 @@ from engine.generation import RunMetrics, run  # noqa: E402
 TARGET = 0.97
 PROMPT = ("Write a long, detailed story about a lighthouse keeper who finds a mysterious map. "
           "Describe every scene in detail.")
-BACKENDS = ("bf16", "nf4", "hqq4", "gguf")
+BACKENDS = ("bf16", "nf4", "hqq4", "gguf", "bf16-fast", "hqq4-fast")
 WARMUP_TOKENS = 8
 
 
@@ -142,6 +145,22 @@ def llama_raw(loaded, settings: GenerationSettings, n: int):
     return once, len(tokens)
 
 
+def fast_raw(loaded, settings: GenerationSettings, n: int):
+    """The fast formats' raw side: their static runner in a bare loop, on the tokens the engine builds."""
+    import torch
+
+    from gpu_engine_check import _raw_fast
+
+    ids = torch.tensor([backend_of(loaded).chat_ids(loaded, PROMPT, settings)])
+    loop = _raw_fast(loaded, ids, n)
+
+    def once(n=n):
+        out, _, times = loop(n)
+        return out, times
+
+    return once, int(ids.shape[1])
+
+
 def on_compute_thread(fn):
     """``fn()`` on the engine's compute thread: the process's only torch thread, like a plain script."""
     return scheduler().call(fn)
@@ -167,7 +186,8 @@ def bench(method: str, n: int, reps: int) -> dict:
     settings = GenerationSettings(max_new_tokens=n, temperature=0.0)
     loaded = load("embedded", method, "cpu")
     try:
-        raw_fn, prompt_tokens = (llama_raw if loaded.backend == "llama.cpp" else hf_raw)(loaded, settings, n)
+        make = llama_raw if loaded.backend == "llama.cpp" else fast_raw if loaded.quant.fast else hf_raw
+        raw_fn, prompt_tokens = make(loaded, settings, n)
         on_compute_thread(lambda: raw_fn(WARMUP_TOKENS))  # warm-up (untimed, short)
         engine_once(loaded, GenerationSettings(max_new_tokens=WARMUP_TOKENS, temperature=0.0))
         raw_tps, eng_tps, arr_tps, problems = [], [], [], []
