@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .errors import GatedModelError, InputError, ModelNotFoundError, OfflineError
+from .errors import GatedModelError, InputError, ModelNotFoundError, OfflineError, QuantScopeError
 
 HUB_GGUF = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95})"
                       r"(?::(?P<pick>[A-Za-z0-9._-]{1,200}))?$")
@@ -119,11 +119,9 @@ def hf_model(repo: str) -> Path:
         _check_size(repo, files, weights)
         small = [f for f in files if "/" not in f and any(fnmatch.fnmatch(f, p) for p in HF_FILES)]
         return Path(snapshot_download(repo, allow_patterns=small + weights, etag_timeout=10))
+    except QuantScopeError:
+        raise
     except Exception as e:  # noqa: BLE001 - huggingface_hub and network errors become one message
-        from .errors import QuantScopeError
-
-        if isinstance(e, QuantScopeError):
-            raise
         raise _hub_errors(repo, e) from None
 
 
@@ -164,9 +162,7 @@ def gguf_file(ref: str) -> Path:
         name = _pick_gguf(ref, list(files), pick)
         _check_size(ref, files, [name])
         return Path(hf_hub_download(repo, name, etag_timeout=10))
-    except Exception as e:  # noqa: BLE001
-        from .errors import QuantScopeError
-
-        if isinstance(e, QuantScopeError):
-            raise
+    except QuantScopeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - huggingface_hub and network errors become one message
         raise _hub_errors(repo, e) from None
