@@ -12,8 +12,8 @@
   ``cuda_max_allocated`` (PyTorch's allocator on the GPU: tensors only, no CUDA context),
   ``nvml_process`` (this process's GPU memory from NVML, for llama.cpp on a GPU), or ``rss`` (resident
   memory of the whole process on CPU: the Linux ``VmHWM`` high-water mark, reset at the start of the run
-  through ``/proc/self/clear_refs``, together with psutil samples every 10 ms). All are process-wide:
-  concurrent runs in one process share them;
+  through ``/proc/self/clear_refs``; psutil samples every 10 ms only where that reset is refused). All are
+  process-wide: concurrent runs in one process share them;
 * ``predicted_bytes`` -- :func:`engine.memory.estimate` for the same model, format, device and the
   context the run ended with (llama.cpp: the ``n_ctx`` it allocated up front, f16 KV cache), with its
   weights term as ``predicted_weights_bytes``. On CUDA ``cuda_max_allocated`` excludes the CUDA context,
@@ -149,8 +149,11 @@ class PeakMemory:
                 self._sample = None
         if self._sample is not None:
             self._take()
-            self._thread = threading.Thread(target=self._loop, name="peak-memory", daemon=True)
-            self._thread.start()
+            # With the kernel's high-water mark reset, sampling adds nothing (VmHWM is at least every sample),
+            # and on a small CPU a thread waking every 10 ms takes a core from the decode's worker threads.
+            if not self._hwm:
+                self._thread = threading.Thread(target=self._loop, name="peak-memory", daemon=True)
+                self._thread.start()
         return self
 
     def _take(self):
