@@ -28,3 +28,12 @@ def test_monitor_lines_break_where_the_sampler_paused():
     assert act.data[0]["y"].count(None) == 1
     assert mem.layout["shapes"][0]["x0"] == -10.5  # the load event's marker line
     json.loads(mem.to_json()) and json.loads(act.to_json())
+
+
+def test_empty_kl_chart_draws_both_rows_axes():
+    """Before any comparison, both stacked plots show their axes (plotly draws a subplot only once a trace uses
+    it; seen in a screenshot: only the top row had axes)."""
+    fig = json.loads(gr.Plot().postprocess(kl_lines([])).plot)
+    used = {(t.get("xaxis", "x"), t.get("yaxis", "y")) for t in fig["data"]}
+    assert used == {("x", "y"), ("x2", "y2")}
+    assert all(not t["x"] and t["showlegend"] is False for t in fig["data"])

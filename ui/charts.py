@@ -124,6 +124,9 @@ def kl_lines(series: list[tuple[str, str, list[float], list[str]]]) -> Figure:
     for (_, hi), text in zip(KL_ROWS, ("On pane A's answer (teacher-forced)", "On the reference text")):
         fig.annotation(text=text, x=0.5, xref="paper", xanchor="center", y=hi, yref="paper", yanchor="bottom",
                        showarrow=False, font=dict(size=16))
+    if not series:  # plotly draws a subplot's axes only once a trace uses them: one empty trace per row
+        for xa, ya in (("x", "y"), ("x2", "y2")):
+            fig.trace("scatter", x=[], y=[], xaxis=xa, yaxis=ya, showlegend=False, hoverinfo="skip")
     answered = {s[0] for s in series if s[1] == "answer"}
     for label, which, kl, toks in series:
         row = 1 if which == "answer" else 2
