@@ -68,7 +68,7 @@ def offline() -> bool:
         os.environ.get("QUANTSCOPE_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-_reach_cache: dict[str, tuple[float, bool]] = {}
+_reach_cache: dict[tuple[str, int], tuple[float, bool]] = {}
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -79,18 +79,17 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     from urllib.parse import urlparse
 
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host = url.hostname or "huggingface.co"
-    port = url.port or (80 if url.scheme == "http" else 443)
+    addr = (url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443))
     now = time.monotonic()
-    hit = _reach_cache.get(f"{host}:{port}")
+    hit = _reach_cache.get(addr)
     if hit and now - hit[0] < 60:
         return hit[1]
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        with socket.create_connection(addr, timeout=timeout):
             ok = True
     except OSError:
         ok = False
-    _reach_cache[f"{host}:{port}"] = (now, ok)
+    _reach_cache[addr] = (now, ok)
     return ok
 
 
