@@ -1,8 +1,11 @@
 """An experiment, not used by the engine: HQQ 4-bit matmuls on Triton kernels of our own (CUDA).
 
-Measured against PyTorch's int4 kernel (tinygemm, what ``hqq4-fast`` uses) by ``bench/gpu_int4_kernels.py`` on an
-H200 with Llama-3.1-8B's layer shapes at batch 1: this GEMV read the weights at 26-37% of the copy bandwidth,
-tinygemm at 36-45% (docs/benchmarks.md), so the engine keeps tinygemm. Kept so the comparison can be re-run.
+Measured against PyTorch's int4 kernel (tinygemm) and our CUDA GEMV (``engine/backends/int4_cuda.py``, what
+``hqq4-fast`` uses on CUDA) by ``bench/gpu_int4_kernels.py`` on an H200 with Llama-3.1-8B's layer shapes at batch 1:
+a first version of the GEMV here, converting every code, read the weights at 26-37% of the copy bandwidth; this one
+(codes read as subnormal floats, no conversion instruction; ``QUANTSCOPE_INT4_GEMV=magic`` tries the exponent
+trick instead) at 25-33% with the weights read from HBM, tinygemm at 32-44%, our CUDA GEMV at 38-64% (docs/benchmarks.md). Kept so the comparison
+can be re-run.
 
 Layout ("planar per group"): each row's codes are int32 words, eight 4-bit codes per word; within each
 quantization group of ``G`` input features (``G/8`` words), word ``i`` nibble ``j`` holds feature ``j * G/8 + i``.
@@ -26,6 +29,9 @@ import triton.language as tl
 def _gemv_configs():
     import os
 
+    if os.environ.get("QUANTSCOPE_INT4_TUNE") == "mid":
+        return [triton.Config({"BN": bn, "BW": bw}, num_warps=w, num_stages=st)
+                for bn in (2, 4, 8, 16) for bw in (128, 256, 512) for w in (4, 8) for st in (2, 3)]
     if os.environ.get("QUANTSCOPE_INT4_TUNE") == "wide":  # gpu_int4_kernels.py --wide
         return [triton.Config({"BN": bn, "BW": bw}, num_warps=w, num_stages=st)
                 for bn in (1, 2, 4, 8) for bw in (128, 256, 512) for w in (2, 4, 8) for st in (2, 3, 4)]
@@ -33,9 +39,22 @@ def _gemv_configs():
             for bn in (2, 4) for bw in (256, 512) for w in (4, 8) for st in (2, 3)]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K"])
+# Codes to floats without an int->float conversion. A code ``q`` at bits ``c .. c+3`` of a word,
+# masked out and read as an fp32 bit pattern, IS the number ``q * 2**(c - 149)``: every pattern below 2**24 is a
+# subnormal or the smallest normal binade, where a pattern's integer value times 2**-149 is its value, exactly.
+# Nibbles 0-5 sit below bit 24 as they are; nibbles 6 and 7 are read after one shift right by 8 (bits 16-23).
+# So each code costs one AND and one FMA (``acc += f * x'``), with the input pre-scaled per nibble by
+# ``2**(E - c)`` so that products land at ``q * x * 2**(E - 149)``, far inside fp32's normal range, and the group
+# sum is scaled back by ``2**(149 - E)`` with the group's scale. The conversion instruction (I2F, a quarter-rate
+# op on NVIDIA GPUs) is what capped the first version of this GEMV (26-37%), which converted every code.
+_E = tl.constexpr(100)
+_BACK = tl.constexpr(2.0 ** (149 - 100))
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "MAGIC"])
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, G: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, G: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
+                  MAGIC: tl.constexpr = False):
     SL: tl.constexpr = G // 8  # words per group and row
     NGT: tl.constexpr = BW // SL  # groups per tile
     KW = K // 8
@@ -52,15 +71,36 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, G: tl.constexpr, BN: t
                     other=0)
         t = tl.zeros((BN, NGT, SL), dtype=tl.float32)
         xs = tl.zeros((NGT, SL), dtype=tl.float32)
-        for j in tl.static_range(8):
-            x = tl.load(x_ptr + (g0 + ig)[:, None] * G + j * SL + ii[None, :], mask=mg[:, None], other=0.0)
-            x = x.to(tl.float32)
-            t += ((w >> (4 * j)) & 0xF).to(tl.float32) * x[None, :, :]
-            xs += x
+        if MAGIC:  # the usual trick instead: OR in 2**23's exponent, subtract 2**23 (one more op per code)
+            wh = w >> 12
+            for j in tl.static_range(8):
+                x = tl.load(x_ptr + (g0 + ig)[:, None] * G + j * SL + ii[None, :], mask=mg[:, None], other=0.0)
+                x = x.to(tl.float32)
+                xs += x
+                if j < 5:
+                    f = ((w & (0xF << (4 * j))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    t += f * (x * (2.0 ** (-4 * j)))[None, :, :]
+                else:
+                    f = ((wh & (0xF << (4 * j - 12))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    t += f * (x * (2.0 ** (12 - 4 * j)))[None, :, :]
+            back = 1.0
+        else:
+            wh = w >> 8
+            for j in tl.static_range(8):
+                x = tl.load(x_ptr + (g0 + ig)[:, None] * G + j * SL + ii[None, :], mask=mg[:, None], other=0.0)
+                x = x.to(tl.float32)
+                xs += x
+                if j < 6:
+                    f = (w & (0xF << (4 * j))).to(tl.float32, bitcast=True)
+                    t += f * (x * (2.0 ** (_E - 4 * j)))[None, :, :]
+                else:
+                    f = (wh & (0xF << (4 * j - 8))).to(tl.float32, bitcast=True)
+                    t += f * (x * (2.0 ** (_E - 4 * j + 8)))[None, :, :]
+            back = _BACK
         m2 = mn[:, None] & mg[None, :]
         s = tl.load(s_ptr + rn[:, None] * NG + (g0 + ig)[None, :], mask=m2, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rn[:, None] * NG + (g0 + ig)[None, :], mask=m2, other=0.0).to(tl.float32)
-        acc += s * (tl.sum(t, axis=2) - z * tl.sum(xs, axis=1)[None, :])
+        acc += s * (tl.sum(t, axis=2) * back - z * tl.sum(xs, axis=1)[None, :])
     tl.store(y_ptr + rn, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=mn)
 
 
@@ -127,7 +167,11 @@ def matmul(x2, words, scales, zeros, group_size: int):
     n = words.shape[0]
     y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 1:
-        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BN"]),)](x2, words, scales, zeros, y, n, k, G=group_size)
+        import os
+
+        magic = os.environ.get("QUANTSCOPE_INT4_GEMV") == "magic"
+        _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BN"]),)](x2, words, scales, zeros, y, n, k, G=group_size,
+                                                                 MAGIC=magic)
     else:
         _gemm_kernel[lambda meta: (triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"]))](
             x2, words, scales, zeros, y, m, n, k, G=group_size, DOT=_DOT)

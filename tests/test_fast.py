@@ -237,3 +237,84 @@ def test_gqa_attention_inside_compile_matches_transformers_sdpa(monkeypatch):
                            backend="eager", fullgraph=True)(q, k, v, mask)
     assert got.shape == want.shape == (1, 1, 9, 64)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+# ---- our CUDA int4 GEMV (engine/backends/int4_cuda.py): its layout and arithmetic, checked on CPU; the kernel
+# itself runs in tests/test_gpu.py ----
+
+def test_int4_gemv_layout_puts_a_lanes_four_words_in_one_16_byte_load():
+    from engine.backends import int4_cuda as ic
+
+    n, k = 3, 2048
+    feat = torch.arange(k).expand(n, k)
+    q = ((feat * 7 + torch.arange(n)[:, None] * 5) % 16).to(torch.uint8)  # a code pattern that tells features apart
+    words = ic.pack(q)
+    assert words.shape == (n, k // 8) and words.dtype == torch.int32
+    assert torch.equal(ic.unpack(words), q)
+    # step c, lane t, word j of the lane's 16 bytes (int32 index c*128 + t*4 + j) holds features 256j + 8t + i
+    for row, c, t, j, i in ((0, 0, 0, 0, 0), (1, 0, 5, 3, 7), (2, 1, 31, 2, 4), (0, 1, 17, 1, 6)):
+        word = int(words[row, c * 128 + t * 4 + j]) & 0xFFFFFFFF
+        assert (word >> (4 * i)) & 0xF == int(q[row, c * 1024 + 256 * j + 8 * t + i])
+
+
+def test_int4_gemv_scales_are_stored_where_a_lane_reads_them_and_the_zero_term_is_tinygemms():
+    from engine.backends import int4_cuda as ic
+
+    n, g = 2, 32  # 2,048 features
+    s = torch.rand(n, g) * 0.01 + 1e-3
+    z = torch.rand(n, g) * 15
+    sz = ic.pack_sz(s, z)
+    assert sz.shape == (n, g, 2) and sz.dtype == torch.bfloat16
+    assert torch.equal(ic.unpack_sz(sz)[..., 0], s.to(torch.bfloat16))
+    assert torch.equal(ic.unpack_sz(sz)[..., 1], ((8 - z) * s).to(torch.bfloat16))
+    # lane t of step c reads 4 pairs at c*16 + (t//8)*4: those of groups c*16 + 4j + t//8, j = 0..3
+    for c, t in ((0, 0), (0, 13), (1, 31)):
+        at = c * 16 + (t // 8) * 4
+        assert torch.equal(sz[0, at:at + 4, 0], s[0, [c * 16 + 4 * j + t // 8 for j in range(4)]].to(torch.bfloat16))
+
+
+def _kernel_arithmetic(x, words, sz):
+    """What one CUDA thread computes, for every row at once, in fp32 on CPU: codes read as subnormal floats
+    (mask, no conversion), inputs pre-scaled per nibble, three sums per row, scaled back at the end."""
+    from engine.backends import int4_cuda as ic
+
+    n, kw = words.shape
+    w = words.reshape(n, kw // 128, 32, 4).transpose(2, 3).reshape(n, kw)  # back to feature order, one word = 8
+    hi = w >> 8
+    codes = [(w & (0xF << (4 * i))).view(torch.float32) for i in range(6)]
+    codes += [(hi & (0xF << (4 * i - 8))).view(torch.float32) for i in (6, 7)]  # nibbles 6, 7 after >> 8
+    sc = [2.0 ** (ic.E - c) for c in (0, 4, 8, 12, 16, 20, 16, 20)]
+    xw = x.float().reshape(kw, 8)
+    dot = sum(codes[i] * (xw[:, i] * sc[i]) for i in range(8))  # [N, K/8]: q.x per word, times 2^(E-149)
+    xs = xw.sum(dim=1)
+    pairs = ic.unpack_sz(sz).float().repeat_interleave(8, dim=1)  # the word's group's (s, (8 - z) s)
+    s, zt = pairs[..., 0], pairs[..., 1]
+    acc, accs, accz = (s * dot).sum(1), (s * xs).sum(1), (zt * xs).sum(1)
+    return acc * 2.0 ** (149 - ic.E) - 8 * accs + accz
+
+
+def test_int4_gemv_arithmetic_gives_hqqs_matmul():
+    from engine.backends import int4_cuda as ic
+
+    # a code masked out of a word and read as fp32 bits is q * 2^(c - 149) exactly, for every code and nibble
+    q = torch.arange(16, dtype=torch.int32)
+    for c in (0, 4, 8, 12, 16, 20):
+        assert torch.equal((q << c).view(torch.float32).double(), q.double() * 2.0 ** (c - 149))
+    h = _hqq(2048, 96, seed=3)
+    qc, s, z, _ = int4.codes(h)
+    words, sz = ic.pack(qc), ic.pack_sz(s, z)
+    x = (torch.randn(2048) * 4).to(torch.bfloat16)
+    ref = x.float() @ h.dequantize().float().T
+    got = _kernel_arithmetic(x, words, sz)
+    assert (got - ref).abs().max().item() < 0.01 * ref.abs().max().item()
+    assert (ic.dequantize(words, sz).float() - h.dequantize().float()).abs().max().item() < 0.01 * \
+        h.dequantize().float().abs().max().item()
+
+
+def test_int4_gemv_says_what_it_cannot_take():
+    from engine.backends import int4_cuda as ic
+
+    assert "group size 64, not 128" in ic.why_not(4096, 4096, 128)
+    assert "multiple of 1024 input features, not 576" in ic.why_not(1536, 576, 64)
+    if not torch.cuda.is_available():
+        assert ic.why_not(4096, 4096, 64) == ic.available() == "no CUDA device"

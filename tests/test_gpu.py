@@ -162,7 +162,11 @@ def test_fast_path_is_captured_at_load_and_replayed(loaded):
     assert lm.info["fast_warmup_s"] > 0 and lm.fast_runner is not None and lm.fast_runner.graph is not None
     graph = lm.fast_runner.graph
     if lm.backend == "hqq":
-        assert lm.info["hqq_backend"] == "int4 kernel", lm.info
+        from engine.backends import int4_cuda
+
+        # our GEMV where nvcc and ninja can build it (the preset's rows are multiples of 1,024), else tinygemm
+        want = "QuantScope int4 GEMV" if int4_cuda.available() is None else "int4 kernel"
+        assert lm.info["hqq_backend"] == want, lm.info
     _, m, _ = collect(lm, GenerationSettings(max_new_tokens=16, temperature=0.0))
     assert m.decode_path == "fast: static cache + CUDA graph" and m.tokens == 16
     assert lm.fast_runner.graph is graph  # replayed, not captured again
@@ -185,6 +189,44 @@ def test_int4_kernel_on_cuda_computes_what_hqq_dequantizes():
             ref = x.float() @ h.dequantize().float().T
             got = int4.from_hqq(h)(x).float()
         assert (got - ref).abs().max().item() < 0.01 * ref.abs().max().item()
+
+
+def test_our_int4_gemv_computes_what_hqq_dequantizes_and_fuses_siblings():
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    from engine.backends import int4, int4_cuda
+
+    why = int4_cuda.available()
+    if why:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    layers = {}
+    for in_f, out_f in ((4096, 4096), (4096, 1024), (14336, 4096), (2048, 1000)):
+        lin = torch.nn.Linear(in_f, out_f, bias=out_f == 1000).to(torch.bfloat16)
+        h = HQQLinear(lin, BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.bfloat16, device="cuda")
+        q, s, z, bias = int4.codes(h)
+        ours = int4_cuda.from_codes(q, s, z, bias)
+        layers[(in_f, out_f)] = ours
+        for m in (1, 3, 9, 20):  # one token (the GEMV) and prompts (8 tokens per block, a ragged last block)
+            x = torch.randn(m, in_f, dtype=torch.bfloat16, device="cuda") * 2
+            with torch.inference_mode():
+                ref = x.float() @ h.dequantize().float().T + (0 if bias is None else bias.float())
+                got = ours(x).float()
+            assert got.shape == ref.shape
+            assert (got - ref).abs().max().item() < 0.01 * ref.abs().max().item(), (in_f, out_f, m)
+    # q/k/v stacked into one call: the same outputs in transformers' order, and alone or out of order too
+    mod = torch.nn.Module()
+    mod.q_proj, mod.k_proj, mod.v_proj = layers[(4096, 4096)], layers[(4096, 1024)], layers[(4096, 1024)]
+    x = torch.randn(1, 1, 4096, dtype=torch.bfloat16, device="cuda")
+    with torch.inference_mode():
+        want = [mod.q_proj(x), mod.k_proj(x), mod.v_proj(x)]
+        assert int4_cuda.fuse_siblings(mod) == 1 and isinstance(mod.q_proj, int4_cuda._Part)
+        got = [mod.q_proj(x), mod.k_proj(x), mod.v_proj(x)]
+        alone = [mod.v_proj(x), mod.k_proj(x)]
+        assert mod.fused_q_k_v._out is None  # the last sibling let go of the stacked output
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert torch.equal(alone[0], want[2]) and torch.equal(alone[1], want[1])
 
 
 @pytest.mark.parametrize("loaded", ["bf16", "nf4"], indirect=True)

@@ -11,9 +11,10 @@ model is re-quantized before the next one (a failed patch can leave it half conv
 ``HQQBackend.PYTORCH``. ``HQQLinear.set_backend`` is class-wide in hqq: it affects every HQQ model in the
 process.
 
-The fast format (``hqq4-fast``) converts the 4-bit layers to PyTorch's own int4 kernel instead
-(:mod:`engine.backends.int4`: same codes, scales and zeros; on CPU and CUDA; gemlite is not used there, it was not
-faster on an H200) and decodes on the fast path (:mod:`engine.backends.runners`).
+The fast format (``hqq4-fast``) converts the 4-bit layers to int4 kernels instead (:mod:`engine.backends.int4`:
+same codes, scales and zeros; on CUDA our own GEMV where it can be built and takes the layer, else PyTorch's
+own int4 kernel, as on CPU; gemlite is not used there, it was not faster on an H200) and decodes on the fast
+path (:mod:`engine.backends.runners`).
 """
 from __future__ import annotations
 
@@ -89,16 +90,18 @@ class HQQBackend(HFBackend):
             from . import int4
 
             t = time.perf_counter()
-            n, left = int4.convert(model, device)
+            n, notes = int4.convert(model, device)
+            left = [nt for nt in notes if "stay on HQQ's path" in nt]
             if not n:
-                raise InputError(f"{quant.name}: no layer can run on PyTorch's int4 kernel ({'; '.join(left)}). "
+                raise InputError(f"{quant.name}: no layer can run on an int4 kernel ({'; '.join(left)}). "
                                  f"Use plain hqq{quant.bits}.")
             if left and HQQLinear.backend not in (Kernel.PYTORCH, Kernel.PYTORCH_FORWARD):
                 HQQLinear.set_backend(Kernel.PYTORCH)
             self._smoke(model, device)
+            kernel = "QuantScope int4 GEMV" if any("QuantScope" in nt for nt in notes) else "int4 kernel"
             return model, q_s + time.perf_counter() - t, {
-                "hqq_backend": "int4 kernel" + (" (some layers on HQQ's path)" if left else ""),
-                "hqq_backend_notes": [f"{n} layers on PyTorch's int4 kernel (tinygemm)"] + left}
+                "hqq_backend": kernel + (" (some layers on HQQ's path)" if left else ""),
+                "hqq_backend_notes": notes}
         if not device.startswith("cuda"):
             if HQQLinear.backend not in (Kernel.PYTORCH, Kernel.PYTORCH_FORWARD):
                 HQQLinear.set_backend(Kernel.PYTORCH)

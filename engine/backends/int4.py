@@ -13,12 +13,15 @@ hqq's own patch to this kernel (``prepare_for_inference(backend="torchao_int4")`
 so it cannot run on CPU, and it picks the packed layout from ``float(torch.__version__[:3])`` (2.1 for 2.13);
 this conversion serves both devices and is tested against HQQ's dequantization (tests/test_fast.py).
 
-Measured on an H200 (bench/gpu_int4_kernels.py, docs/benchmarks.md) this kernel reads 4-bit weights at 36-45% of
-the copy bandwidth per layer at batch 1; gemlite (HQQ's Triton kernels) was not faster on the whole model, nor was
-a Triton kernel of our own (bench/int4_triton.py, 26-37%), so ``hqq4-fast`` uses this one alone.
+Measured on an H200 (bench/gpu_int4_kernels.py, docs/benchmarks.md) this kernel reads 4-bit weights at 32-44% of
+the copy bandwidth per layer at batch 1; gemlite (HQQ's Triton kernels) was not faster on the whole model, nor
+were Triton GEMVs of our own (bench/int4_triton.py). On CUDA, :func:`convert` therefore puts every layer it can on
+our own CUDA GEMV (:mod:`engine.backends.int4_cuda`, 38-64%) and keeps this kernel for the rest (and on CPU);
+``QUANTSCOPE_INT4_KERNEL=tinygemm`` keeps this kernel everywhere.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch  # this module is imported only where a model is being loaded (engine.backends.hqq_backend)
@@ -117,12 +120,20 @@ def from_codes(q, s, z, gs: int, bias=None):
 
 
 def convert(model, device: str) -> tuple[int, list[str]]:
-    """Replace every convertible ``HQQLinear`` of ``model`` by an ``Int4Linear`` in place.
+    """Replace every convertible ``HQQLinear`` of ``model`` in place: on CUDA by our own GEMV
+    (:mod:`engine.backends.int4_cuda`) where it can be built and takes the layer's shape, else by an
+    ``Int4Linear`` (tinygemm); sibling projections on our GEMV are then fused (q/k/v, gate/up).
 
-    Returns (layers converted, reasons for the layers left on HQQ's path, one line per distinct reason)."""
+    Returns (layers converted, notes: one line per kernel used and per distinct reason a layer stayed on HQQ's
+    path)."""
     from hqq.core.quantize import HQQLinear
 
-    done, reasons = 0, {}
+    ours = None
+    if device.startswith("cuda") and os.environ.get("QUANTSCOPE_INT4_KERNEL", "ours") != "tinygemm":
+        from . import int4_cuda
+
+        ours = int4_cuda
+    done, reasons, kernels, why_tiny = 0, {}, {"ours": 0, "tinygemm": 0}, {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, HQQLinear):
@@ -132,6 +143,24 @@ def convert(model, device: str) -> tuple[int, list[str]]:
                 reasons.setdefault(why, 0)
                 reasons[why] += 1
                 continue
-            setattr(parent, name, from_hqq(child))
+            out_f, in_f = (int(d) for d in child.meta["shape"])
+            why_ours = ours.why_not(out_f, in_f, int(child.meta["group_size"])) if ours else None
+            if ours and why_ours is None:
+                q, s, z, bias = codes(child)
+                setattr(parent, name, ours.from_codes(q, s, z, bias))
+                kernels["ours"] += 1
+            else:
+                if why_ours:
+                    why_tiny[why_ours] = why_tiny.get(why_ours, 0) + 1
+                setattr(parent, name, from_hqq(child))
+                kernels["tinygemm"] += 1
             done += 1
-    return done, [f"{n} layer(s) stay on HQQ's path: {why}" for why, n in reasons.items()]
+    notes = []
+    if kernels["ours"]:
+        fused = ours.fuse_siblings(model)
+        notes.append(f"{kernels['ours']} layers on QuantScope's int4 GEMV (CUDA; {fused} q/k/v and gate/up groups "
+                     f"fused)")
+    if kernels["tinygemm"]:
+        notes.append(f"{kernels['tinygemm']} layers on PyTorch's int4 kernel (tinygemm)" +
+                     "".join(f"; not on ours: {w} ({n})" for w, n in why_tiny.items()))
+    return done, notes + [f"{n} layer(s) stay on HQQ's path: {why}" for why, n in reasons.items()]

@@ -1,0 +1,578 @@
+"""A 4-bit GEMV of our own for one token at a time on CUDA (the decode step of ``hqq4-fast``).
+
+At batch 1 every weight is read once per token, so the matmul's speed is the rate at which it streams the 4-bit
+codes. PyTorch's int4 kernel (tinygemm) reads them at 36-45% of the copy bandwidth on an H200 at Llama-8B's layer
+shapes (docs/benchmarks.md); this kernel is written for that one case.
+
+Layout (built from HQQ's codes by :func:`pack`, same bytes as HQQ's: two codes per byte, one bf16 scale and one
+bf16 zero term per group of 64 input features):
+
+- ``words`` int32 [N, K/8]: word ``w`` of a row holds features ``8w .. 8w+7``, feature ``8w+i`` in bits
+  ``4i .. 4i+3``. Within each block of 1,024 features (128 words), the words are stored transposed, [4][32] ->
+  [32][4], so that lane ``t`` of a warp loads its four words in one 16-byte load and they hold features
+  ``256j + 8t .. +7`` (j = 0..3): the 32 lanes then read the input in four contiguous 512-byte runs.
+- ``sz`` bf16 [N, K/64, 2]: per group, HQQ's scale ``s`` and ``(8 - z) * s`` (tinygemm's zero term); ``w =
+  (q - z) * s``, and per 8 features a lane adds ``s * sum(q x) + ((8 - z) s - 8 s) * sum(x)``. Within each
+  block of 16 groups the groups are stored [j][g] -> [g][j] (lane ``t`` of a step meets groups ``4j + t/8``),
+  so a lane loads its four (scale, zero) pairs in one 16-byte load.
+
+Codes become floats without a conversion instruction: a code at bits ``c .. c+3`` of a word, masked out and read
+as an fp32 bit pattern, is exactly ``q * 2**(c - 149)`` (patterns below 2**24 are subnormals or the lowest normal
+binade, where value = pattern * 2**-149). Nibbles 0-5 are masked in place, nibbles 6-7 after one shift by 8; the
+input is pre-scaled per nibble by ``2**(E - c)`` so products land at ``q * x * 2**(E - 149)``, well inside fp32's
+normal range, and the group sum is scaled back with the group's scale. Per code: one AND and one FMA. This needs
+subnormals kept (nvcc's default, ``-ftz=false``, passed explicitly).
+
+One token (the decode step): ``gemv_int4<R, KS, PF>``, R rows per block, KS warps splitting a row's K, PF
+prefetching the next step's weights; the fastest of :data:`CONFIGS` is timed per layer shape at load
+(:func:`pick_config`, on copies of the weights larger than the L2 cache). A prompt: ``gemm_int4``, the same
+arithmetic applied by each block to 8 tokens at a time (on CUDA cores; no 16-bit copy of any weight).
+Sibling projections (q/k/v, gate/up) can be stacked into one call (:func:`fuse_siblings`).
+
+Compiled at first use with ``torch.utils.cpp_extension.load_inline`` (needs nvcc and ninja; ~50 s, cached in
+``~/.cache/quantscope`` or ``QUANTSCOPE_KERNEL_CACHE``); where either is missing, :func:`why_not` says so and
+``hqq4-fast`` keeps tinygemm. Rows of K not a multiple of 1,024 or a group size other than 64 also keep tinygemm.
+Measured on an H200 (bench/gpu_int4_kernels.py, docs/benchmarks.md): 38-64% of the copy bandwidth per layer of an
+8B model, tinygemm 32-44%; the 8B decodes at 341 tok/s on it (tinygemm: 261-275).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+GROUP = 64
+BLOCK = 1024  # features per warp step: 32 lanes x 4 words x 8 codes
+E = 100
+CONFIGS = ((4, 2, 0), (4, 2, 1), (8, 2, 0), (8, 2, 1), (4, 4, 0), (8, 1, 1), (2, 4, 1), (4, 1, 1), (8, 4, 0), (2, 2, 1))  # (rows per block, warps per block, prefetch)
+
+_SRC = r"""
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define E_ 100
+
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float dot8(uint32_t w, const float* xf) {
+  const uint32_t wh = w >> 8;
+  float p = __uint_as_float(w & 0xFu) * xf[0];
+  p = fmaf(__uint_as_float(w & 0xF0u), xf[1], p);
+  p = fmaf(__uint_as_float(w & 0xF00u), xf[2], p);
+  p = fmaf(__uint_as_float(w & 0xF000u), xf[3], p);
+  p = fmaf(__uint_as_float(w & 0xF0000u), xf[4], p);
+  p = fmaf(__uint_as_float(w & 0xF00000u), xf[5], p);
+  p = fmaf(__uint_as_float(wh & 0xF0000u), xf[6], p);
+  p = fmaf(__uint_as_float(wh & 0xF00000u), xf[7], p);
+  return p;
+}
+
+// R rows per block; KS warps per block split the row's 1,024-feature steps between them; PF: each warp loads its
+// next step's weights before working on this one (more bytes in flight per warp, more registers).
+template <int R, int KS, bool PF>
+__global__ void __launch_bounds__(32 * KS) gemv_int4(const __nv_bfloat16* __restrict__ x,
+    const uint4* __restrict__ W, const __nv_bfloat162* __restrict__ SZ, __nv_bfloat16* __restrict__ y,
+    int N, int K) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = blockIdx.x * R;
+  const int KV = K >> 5, KG = K >> 6, steps = K >> 10;
+  // 2^(E - c) for the bit position c of each nibble (c = 0,4,..,20, then 16, 20 after the shift)
+  const float sc[8] = {0x1p100f, 0x1p96f, 0x1p92f, 0x1p88f, 0x1p84f, 0x1p80f, 0x1p84f, 0x1p80f};
+  const float back = 0x1p49f;  // 2^(149 - E)
+  // per row: sum over words of s * dot8 (scaled by 2^(E-149)), of s * sum(x), and of (8 - z) s * sum(x)
+  float acc[R], accs[R], accz[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = accs[r] = accz[r] = 0.f;
+  const uint4* wrow[R];
+  const __nv_bfloat162* szrow[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const size_t row = (size_t)min(row0 + r, N - 1);
+    wrow[r] = W + row * KV + lane;
+    szrow[r] = SZ + row * KG + (lane >> 3) * 4;
+  }
+  uint4 nxt[PF ? R : 1];
+  if (PF && warp < steps) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) nxt[PF ? r : 0] = ld_stream(wrow[r] + warp * 32);
+  }
+  for (int c = warp; c < steps; c += KS) {
+    uint4 cur[R], szv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (PF) {
+        cur[r] = nxt[PF ? r : 0];
+      } else {
+        cur[r] = ld_stream(wrow[r] + c * 32);
+      }
+    }
+    if (PF && c + KS < steps) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) nxt[PF ? r : 0] = ld_stream(wrow[r] + (c + KS) * 32);
+    }
+    // this lane's four groups of the step (j = 0..3), one 16-byte load per row; lanes 8g..8g+7 share it
+#pragma unroll
+    for (int r = 0; r < R; ++r) szv[r] = *reinterpret_cast<const uint4*>(szrow[r] + c * 16);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint4 xv = *reinterpret_cast<const uint4*>(x + c * 1024 + j * 256 + lane * 8);
+      const __nv_bfloat162* xb = reinterpret_cast<const __nv_bfloat162*>(&xv);
+      float xf[8], xs = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 v = __bfloat1622float2(xb[i]);
+        xs += v.x + v.y;
+        xf[2 * i] = v.x * sc[2 * i];
+        xf[2 * i + 1] = v.y * sc[2 * i + 1];
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const uint32_t w = j == 0 ? cur[r].x : j == 1 ? cur[r].y : j == 2 ? cur[r].z : cur[r].w;
+        const uint32_t szw = j == 0 ? szv[r].x : j == 1 ? szv[r].y : j == 2 ? szv[r].z : szv[r].w;
+        const float sx = __uint_as_float(szw << 16), zx = __uint_as_float(szw & 0xFFFF0000u);  // bf16 pair
+        acc[r] = fmaf(sx, dot8(w, xf), acc[r]);
+        accs[r] = fmaf(sx, xs, accs[r]);
+        accz[r] = fmaf(zx, xs, accz[r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    acc[r] = fmaf(acc[r], back, fmaf(-8.f, accs[r], accz[r]));  // s (q - 8) x + (8 - z) s x = s (q - z) x
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+  }
+  if (KS == 1) {
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) if (row0 + r < N) y[row0 + r] = __float2bfloat16(acc[r]);
+    }
+    return;
+  }
+  __shared__ float part[KS][R];
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) part[warp][r] = acc[r];
+  }
+  __syncthreads();
+  if (threadIdx.x < R && row0 + threadIdx.x < N) {
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < KS; ++k) s += part[k][threadIdx.x];
+    y[row0 + threadIdx.x] = __float2bfloat16(s);
+  }
+}
+
+
+// A prompt (M > 1 tokens): blocks of R rows x MT tokens (grid y); each warp loads its weights once per step and
+// applies them to the MT tokens of its block, so the weights are read ceil(M / MT) times in all.
+template <int R, int KS, int MT>
+__global__ void __launch_bounds__(32 * KS) gemm_int4(const __nv_bfloat16* __restrict__ x,
+    const uint4* __restrict__ W, const __nv_bfloat162* __restrict__ SZ, __nv_bfloat16* __restrict__ y,
+    int M, int N, int K) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = blockIdx.x * R, m0 = blockIdx.y * MT;
+  const int KV = K >> 5, KG = K >> 6, steps = K >> 10;
+  const float sc[8] = {0x1p100f, 0x1p96f, 0x1p92f, 0x1p88f, 0x1p84f, 0x1p80f, 0x1p84f, 0x1p80f};
+  const float back = 0x1p49f;
+  float acc[MT][R];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
+  for (int c = warp; c < steps; c += KS) {
+    uint4 cur[R];
+    float2 szf[R][4];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const size_t row = (size_t)min(row0 + r, N - 1);
+      cur[r] = ld_stream(W + row * KV + c * 32 + lane);
+      const uint4 szv = *reinterpret_cast<const uint4*>(SZ + row * KG + c * 16 + (lane >> 3) * 4);
+      const __nv_bfloat162* szr = reinterpret_cast<const __nv_bfloat162*>(&szv);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) szf[r][j] = __bfloat1622float2(szr[j]);
+    }
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m0 + m >= M) break;
+      const __nv_bfloat16* xm = x + (size_t)(m0 + m) * K;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(xm + c * 1024 + j * 256 + lane * 8);
+        const __nv_bfloat162* xb = reinterpret_cast<const __nv_bfloat162*>(&xv);
+        float xf[8], xs = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 v = __bfloat1622float2(xb[i]);
+          xs += v.x + v.y;
+          xf[2 * i] = v.x * sc[2 * i];
+          xf[2 * i + 1] = v.y * sc[2 * i + 1];
+        }
+        const uint32_t* wj;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          wj = reinterpret_cast<const uint32_t*>(&cur[r]);
+          acc[m][r] = fmaf(szf[r][j].x * back, dot8(wj[j], xf), acc[m][r]);
+          acc[m][r] = fmaf(fmaf(-8.f, szf[r][j].x, szf[r][j].y), xs, acc[m][r]);
+        }
+      }
+    }
+  }
+  __shared__ float part[KS][MT][R];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float v = acc[m][r];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) part[warp][m][r] = v;
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < MT * R; i += 32 * KS) {
+    const int m = i / R, r = i % R;
+    if (m0 + m < M && row0 + r < N) {
+      float v = 0.f;
+#pragma unroll
+      for (int k = 0; k < KS; ++k) v += part[k][m][r];
+      y[(size_t)(m0 + m) * N + row0 + r] = __float2bfloat16(v);
+    }
+  }
+}
+
+template <int R, int KS, bool PF>
+static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, torch::Tensor& y,
+                   int N, int K) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  gemv_int4<R, KS, PF><<<(N + R - 1) / R, 32 * KS, 0, stream>>>(
+      reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const uint4*>(w.data_ptr()),
+      reinterpret_cast<const __nv_bfloat162*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), N, K);
+}
+
+torch::Tensor gemm(torch::Tensor x, torch::Tensor w, torch::Tensor sz) {
+  TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 &&
+              x.size(1) == w.size(1) * 8, "x: contiguous bf16 [M, K]");
+  TORCH_CHECK(w.scalar_type() == at::kInt && w.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
+              sz.is_contiguous(), "words int32 and sz bf16, contiguous");
+  const int M = x.size(0), N = w.size(0), K = w.size(1) * 8;
+  TORCH_CHECK(K % 1024 == 0, "K must be a multiple of 1024");
+  auto y = torch::empty({M, N}, x.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dim3 grid((N + 3) / 4, (M + 7) / 8);
+  gemm_int4<4, 2, 8><<<grid, 64, 0, stream>>>(
+      reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const uint4*>(w.data_ptr()),
+      reinterpret_cast<const __nv_bfloat162*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), M, N, K);
+  return y;
+}
+
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t rows, int64_t warps, int64_t prefetch) {
+  TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.numel() == w.size(1) * 8,
+              "x: one contiguous bf16 row of K features");
+  TORCH_CHECK(w.scalar_type() == at::kInt && w.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
+              sz.is_contiguous(), "words int32 and sz bf16, contiguous");
+  const int N = w.size(0), K = w.size(1) * 8;
+  TORCH_CHECK(K % 1024 == 0, "K must be a multiple of 1024");
+  auto y = torch::empty({1, N}, x.options());
+  const int key = rows * 100 + warps * 10 + prefetch;
+  switch (key) {
+    case 420: launch<4, 2, false>(x, w, sz, y, N, K); break;
+    case 421: launch<4, 2, true>(x, w, sz, y, N, K); break;
+    case 820: launch<8, 2, false>(x, w, sz, y, N, K); break;
+    case 821: launch<8, 2, true>(x, w, sz, y, N, K); break;
+    case 440: launch<4, 4, false>(x, w, sz, y, N, K); break;
+    case 811: launch<8, 1, true>(x, w, sz, y, N, K); break;
+    case 241: launch<2, 4, true>(x, w, sz, y, N, K); break;
+    case 411: launch<4, 1, true>(x, w, sz, y, N, K); break;
+    case 840: launch<8, 4, false>(x, w, sz, y, N, K); break;
+    case 221: launch<2, 2, true>(x, w, sz, y, N, K); break;
+    default: TORCH_CHECK(false, "no such configuration");
+  }
+  return y;
+}
+"""
+
+_CPP = ("torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t rows, int64_t warps, int64_t prefetch);\n"
+        "torch::Tensor gemm(torch::Tensor x, torch::Tensor w, torch::Tensor sz);")
+
+
+def _build_dir() -> str:
+    d = os.environ.get("QUANTSCOPE_KERNEL_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "quantscope", f"int4_gemv_torch{torch.__version__.replace('+', '_')}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+@functools.lru_cache(maxsize=1)
+def _ext():
+    """The compiled extension, or the reason it cannot be built here (a string)."""
+    from torch.utils import cpp_extension
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not (cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))):
+        return "nvcc (the CUDA toolkit) is not installed, so the kernel cannot be compiled"
+    if not (shutil.which("ninja") or _ninja_from_pip()):
+        return "ninja is not installed (pip install ninja), so the kernel cannot be compiled"
+    major, minor = torch.cuda.get_device_capability()
+    try:
+        return cpp_extension.load_inline(
+            name="quantscope_int4_gemv", cpp_sources=_CPP, cuda_sources=_SRC, functions=["gemv", "gemm"],
+            extra_cuda_cflags=["-O3", "-ftz=false", "-prec-div=true", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
+            build_directory=_build_dir(), verbose=False)
+    except Exception as e:  # a toolkit too old for this GPU, a compiler error: say it, keep tinygemm
+        return f"the kernel did not compile ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})"
+
+
+def _ninja_from_pip() -> bool:
+    try:
+        import ninja
+    except ImportError:
+        return False
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return True
+
+
+def available() -> Optional[str]:
+    """None when the kernel is built (or builds now) on this machine, else why not."""
+    e = _ext()
+    return e if isinstance(e, str) else None
+
+
+def why_not(n: int, k: int, group_size: int) -> Optional[str]:
+    """None when an N x K layer with this group size can use the kernel, else the reason."""
+    if group_size != GROUP:
+        return f"our GEMV takes group size {GROUP}, not {group_size}"
+    if k % BLOCK:
+        return f"our GEMV needs a multiple of {BLOCK} input features, not {k}"
+    return available()
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (0..15) -> words int32 [N, K/8] in the kernel's layout (module docstring)."""
+    n, k = q.shape
+    q = q.to(torch.int32).reshape(n, k // 8, 8)
+    words = torch.zeros((n, k // 8), dtype=torch.int32, device=q.device)
+    for i in range(8):
+        words |= q[:, :, i] << (4 * i)  # bit 31 may be set: int32 wraps, the bits are what counts
+    return words.reshape(n, k // BLOCK, 4, 32).transpose(2, 3).contiguous().reshape(n, k // 8)
+
+
+def unpack(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack`: [N, K/8] int32 -> [N, K] uint8 codes."""
+    n, kw = words.shape
+    w = words.reshape(n, kw // 128, 32, 4).transpose(2, 3).reshape(n, kw, 1)
+    shifts = (4 * torch.arange(8, device=words.device, dtype=torch.int32)).reshape(1, 1, 8)
+    return ((w >> shifts) & 0xF).to(torch.uint8).reshape(n, kw * 8)
+
+
+def pack_sz(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """HQQ's scales and zeros [N, K/64] -> bf16 [N, K/64, 2] = (s, (8 - z) * s), computed in fp32 (tinygemm's
+    zero term: half the rounding error of storing ``-z * s``, as the codes' midpoint 8 is taken out exactly)."""
+    s, z = s.float(), z.float()
+    n, g = s.shape
+    sz = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16)  # [N, G, 2], group = 16c + 4j + t
+    return sz.reshape(n, g // 16, 4, 4, 2).transpose(2, 3).contiguous().reshape(n, g, 2)
+
+
+def unpack_sz(sz: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack_sz`'s reordering: [N, G, 2] in group order."""
+    n, g, _ = sz.shape
+    return sz.reshape(n, g // 16, 4, 4, 2).transpose(2, 3).reshape(n, g, 2)
+
+
+def dequantize(words: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """The weight [N, K] in bf16 as the kernel sees it: ``s * (q - 8) + (8 - z) s`` per group."""
+    q = unpack(words).float()
+    n, k = q.shape
+    szf = unpack_sz(sz).float()
+    w = (q.reshape(n, k // GROUP, GROUP) - 8) * szf[..., :1] + szf[..., 1:]
+    return w.reshape(n, k).to(torch.bfloat16)
+
+
+def gemv(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, rows: int, warps: int, prefetch: int) -> torch.Tensor:
+    """``x2 @ W.T`` for one token x2 [1, K] bf16 on CUDA with the compiled kernel (a configuration of
+    :data:`CONFIGS`)."""
+    return _ext().gemv(x2, words, sz, rows, warps, prefetch)
+
+
+def pick_config(n: int, k: int, device=None, reps: int = 50, timings: Optional[dict] = None,
+                rotate_bytes: int = 96 << 20) -> tuple[int, int, int]:
+    """The fastest of :data:`CONFIGS` for an N x K layer on this GPU, timed on random codes in a CUDA graph
+    (``timings``, if given, receives seconds per call for each configuration). The graph cycles through copies of
+    the weights adding up to ``rotate_bytes`` (more than the L2 cache), as a model's layers do: a small matrix
+    timed alone would be served from L2 and favour the wrong configuration."""
+    dev = torch.device(device or "cuda")
+    one = n * k // 2 + n * (k // GROUP) * 4
+    copies = max(1, min(32, -(-rotate_bytes // one)))
+    ws = [torch.randint(-2 ** 31, 2 ** 31 - 1, (n, k // 8), dtype=torch.int32, device=dev) for _ in range(copies)]
+    szs = [(torch.rand((n, k // GROUP, 2), device=dev) * 0.01).to(torch.bfloat16) for _ in range(copies)]
+    x = torch.randn((1, k), device=dev, dtype=torch.bfloat16)
+    calls = max(reps, copies)
+    best, best_t = CONFIGS[0], float("inf")
+    for cfg in CONFIGS:
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            for i in range(copies):
+                gemv(x, ws[i], szs[i], *cfg)
+        torch.cuda.current_stream(dev).wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(calls):
+                gemv(x, ws[i % copies], szs[i % copies], *cfg)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g.replay()
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        t = a.elapsed_time(b) / 1e3 / calls
+        if timings is not None:
+            timings[cfg] = t
+        if t < best_t:
+            best, best_t = cfg, t
+        del g
+    del ws, szs, x
+    torch.cuda.empty_cache()
+    return best
+
+
+@torch.library.custom_op("quantscope::int4_gemv", mutates_args=())
+def _int4_mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, rows: int, warps: int,
+             prefetch: int) -> torch.Tensor:
+    if x2.data_ptr() % 16:  # the kernels read the input 16 bytes at a time
+        x2 = x2.clone()
+    if x2.shape[0] == 1:
+        return _ext().gemv(x2, words, sz, rows, warps, prefetch)
+    return _ext().gemm(x2, words, sz)
+
+
+@_int4_mm.register_fake
+def _(x2, words, sz, rows, warps, prefetch):
+    return x2.new_empty((x2.shape[0], words.shape[0]))
+
+
+class GemvInt4Linear(torch.nn.Module):
+    """``y = x @ W.T + b`` with W in this kernel's layout (one token: the GEMV; a prompt: the same arithmetic,
+    each block applying its weights to 8 tokens at a time)."""
+
+    def __init__(self, words, sz, in_features: int, bias, config: tuple[int, int, int]):
+        super().__init__()
+        self.in_features, self.out_features = in_features, int(words.shape[0])
+        self.group_size = GROUP
+        self.register_buffer("words", words)
+        self.register_buffer("sz", sz)
+        self.bias = bias
+        self.config = tuple(config)
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch.ops.quantscope.int4_gemv(x2, self.words, self.sz, *self.config)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP}, "
+                f"kernel=QuantScope int4 GEMV (rows, warps, prefetch per block: {self.config})")
+
+
+_PICKED: dict = {}
+
+
+def from_codes(q, s, z, bias=None, config: Optional[tuple[int, int, int]] = None) -> GemvInt4Linear:
+    """A :class:`GemvInt4Linear` from codes ``q`` [N, K] (0..15) and HQQ's scales and zeros [N, K/64]; the
+    launch configuration is timed once per shape and device in this process (:func:`pick_config`)."""
+    n, k = q.shape
+    return GemvInt4Linear(pack(q), pack_sz(s, z), k, bias, config or _config(n, k, q.device))
+
+
+def _config(n: int, k: int, device) -> tuple[int, int, int]:
+    key = (n, k, str(device))
+    if key not in _PICKED:
+        _PICKED[key] = pick_config(n, k, device)
+    return _PICKED[key]
+
+
+# Sibling projections that read the same input, in the order transformers' modules call them.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _Fused(torch.nn.Module):
+    """One :class:`GemvInt4Linear` for several sibling projections (rows stacked): the first sibling's call
+    computes all of them, the others take their slice of that result when called with the same input."""
+
+    def __init__(self, linear: GemvInt4Linear, sizes: list[int]):
+        super().__init__()
+        self.linear, self.sizes = linear, sizes
+        self._x, self._out = None, None
+
+    def part(self, i: int, x):
+        if i == 0:
+            self._x, self._out = x, self.linear(x).split(self.sizes, dim=-1)
+        if self._x is not x or self._out is None:  # called alone or out of order: this part's rows only
+            lo = sum(self.sizes[:i])
+            lin = self.linear
+            y = torch.ops.quantscope.int4_gemv(x.reshape(-1, lin.in_features).to(torch.bfloat16).contiguous(),
+                                               lin.words[lo:lo + self.sizes[i]], lin.sz[lo:lo + self.sizes[i]],
+                                               *lin.config)
+            if lin.bias is not None:
+                y = y + lin.bias[lo:lo + self.sizes[i]]
+            return y.reshape(*x.shape[:-1], self.sizes[i])
+        y = self._out[i]
+        if i == len(self.sizes) - 1:  # the last sibling: let go of the input and the stacked output
+            self._x, self._out = None, None
+        return y
+
+
+class _Part(torch.nn.Module):
+    """Stands in for one sibling projection of a :class:`_Fused` group (holds no weights of its own)."""
+
+    def __init__(self, fused: _Fused, index: int, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.index = index
+        self.__dict__["fused"] = fused  # not a submodule: the parent module owns it (once)
+
+    def forward(self, x):
+        return self.fused.part(self.index, x)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a fused GEMV"
+
+
+def fuse_siblings(model) -> int:
+    """Stack the rows of sibling projections (q/k/v, gate/up) that are all :class:`GemvInt4Linear` into one
+    kernel call each (fewer launches per token). Returns how many groups were fused."""
+    done = 0
+    for mod in list(model.modules()):
+        for names in SIBLINGS:
+            layers = [getattr(mod, nm, None) for nm in names]
+            if not all(isinstance(lin, GemvInt4Linear) for lin in layers):
+                continue
+            if len({lin.in_features for lin in layers}) != 1 or len({lin.bias is None for lin in layers}) != 1:
+                continue
+            words = torch.cat([lin.words for lin in layers])
+            sz = torch.cat([lin.sz for lin in layers])
+            bias = None
+            if layers[0].bias is not None:
+                bias = torch.nn.Parameter(torch.cat([lin.bias.data for lin in layers]), requires_grad=False)
+            n, k = int(words.shape[0]), layers[0].in_features
+            fused = _Fused(GemvInt4Linear(words, sz, k, bias, _config(n, k, words.device)),
+                           [lin.out_features for lin in layers])
+            setattr(mod, "fused_" + "_".join(nm.split("_")[0] for nm in names), fused)
+            for i, (nm, lin) in enumerate(zip(names, layers)):
+                setattr(mod, nm, _Part(fused, i, k, lin.out_features))
+            done += 1
+    return done
