@@ -131,7 +131,8 @@ class PeakMemory:
             import torch
 
             self.kind = "cuda_max_allocated"
-            torch.cuda.synchronize(self.device)
+            # The caching allocator counts on the host, when memory is allocated: no synchronize is needed (a
+            # device-wide one here made a run starting beside another wait for that run's queued GPU work).
             torch.cuda.reset_peak_memory_stats(self.device)
             return self
         if self.device.startswith("cuda"):
@@ -172,7 +173,6 @@ class PeakMemory:
         if self.kind == "cuda_max_allocated":
             import torch
 
-            torch.cuda.synchronize(self.device)
             self.peak = int(torch.cuda.max_memory_allocated(self.device))
             return False
         self._stop.set()

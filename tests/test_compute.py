@@ -173,3 +173,53 @@ def test_isolated_runs_on_a_thread_that_ends():
     with pytest.raises(RuntimeError, match="load failed"):
         isolated(lambda: (_ for _ in ()).throw(RuntimeError("load failed")))
 
+
+
+def test_a_pending_stream_lets_the_others_step_and_its_consumer_never_sees_pending():
+    from engine.compute import PENDING
+
+    s = Scheduler()
+    log = []
+    gate = threading.Event()
+    ready = threading.Event()
+
+    def slow():  # its "GPU step" finishes only once the fast stream is done
+        gate.wait(5)
+        for i in range(3):
+            while not ready.is_set():
+                yield PENDING
+            log.append(("slow", i))
+            yield i
+
+    def fast():
+        gate.wait(5)
+        for i in range(5):
+            log.append(("fast", i))
+            yield i
+        ready.set()
+
+    a, b = s.stream(slow()), s.stream(fast())
+    gate.set()
+    got_b = list(b)
+    got_a = list(a)
+    assert got_a == [0, 1, 2] and got_b == [0, 1, 2, 3, 4]  # PENDING never reaches a consumer
+    assert log[:5] == [("fast", i) for i in range(5)]  # the fast one was not held to the slow one's pace
+    assert s.steps == 8  # pending turns are not steps
+
+
+def test_all_streams_pending_does_not_spin_the_cpu():
+    from engine.compute import PENDING
+
+    s = Scheduler()
+    until = time.monotonic() + 0.3
+
+    def waiting():
+        while time.monotonic() < until:
+            yield PENDING
+        yield "done"
+
+    p0 = time.process_time()
+    assert list(s.stream(waiting())) == ["done"]
+    # the compute thread naps between all-pending rounds (the consumer blocks on its queue): a busy loop would
+    # burn the whole 0.3 s of CPU here
+    assert time.process_time() - p0 < 0.2

@@ -176,23 +176,31 @@ def test_stream_events_are_tokens(models):
     assert all(isinstance(e, TokenEvent) for e in evs) and len([e for e in evs if e.token_id is not None]) == 4
 
 
-def _decode(lm, settings, eos=frozenset(), pipelined=False):
-    """decode_steps on the model's static runner (CPU), pipelined as on CUDA when asked; (ids, steps launched)."""
+def _decode(lm, settings, eos=frozenset(), pipelined=False, not_ready=0):
+    """decode_steps on the model's static runner (CPU), pipelined as on CUDA when asked; with ``not_ready``, each
+    pipelined token reports "still on the GPU" that many times first (the run must yield PENDING meanwhile).
+    Returns (ids, steps launched)."""
     from engine.backends.decode import DecodeState, decode_steps
+    from engine.compute import PENDING
 
     ids = torch.tensor([backend_of(lm).chat_ids(lm, PROMPT, settings)])
     r = runners.acquire(lm, int(ids.shape[1]), settings.max_new_tokens)
-    launched = []
+    launched, polls = [], []
     step = r.step
-    r.step = lambda tok: launched.append(1) or step(tok)
+    r.step = lambda tok: launched.append(1) or polls.clear() or step(tok)
+    r.ready = lambda: polls.append(1) or len(polls) > not_ready
     r.pipelined = pipelined
     try:
         with torch.inference_mode():
-            out = [t for t, _ in decode_steps(r, ids, None, settings, set(eos), DecodeState())]
+            items = list(decode_steps(r, ids, None, settings, set(eos), DecodeState(),
+                                      pending=PENDING if not_ready else None))
     finally:
-        del r.step
+        del r.step, r.ready
         r.pipelined = False
         r.release()
+    out = [it[0] for it in items if it is not PENDING]
+    if not_ready:
+        assert sum(it is PENDING for it in items) == not_ready * (len(launched) if pipelined else 0)
     return out, len(launched)
 
 
@@ -204,8 +212,9 @@ def test_pipelined_decode_gives_the_same_tokens(models, settings):
     lm = models["hqq4-fast"]
     plain, n_plain = _decode(lm, settings)
     piped, n_piped = _decode(lm, settings, pipelined=True)
-    assert piped == plain and len(plain) == 12
-    assert n_plain == n_piped == 11
+    waited, n_waited = _decode(lm, settings, pipelined=True, not_ready=2)  # yields PENDING while the GPU works
+    assert piped == plain == waited and len(plain) == 12
+    assert n_plain == n_piped == n_waited == 11
     stop = plain[4]
     k = plain.index(stop)
     plain_eos, n1 = _decode(lm, settings, eos={stop})

@@ -11,6 +11,7 @@ Every step must run under ``torch.inference_mode()`` -- the caller's step contex
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,28 +63,41 @@ def new_generator(device: str, seed: Optional[int]):
 
 
 def decode_steps(runner, input_ids, attention_mask, settings: GenerationSettings, eos: set,
-                 state: DecodeState, cancel: Optional[threading.Event] = None) -> Iterator[tuple[int, float]]:
+                 state: DecodeState, cancel: Optional[threading.Event] = None,
+                 pending=None) -> Iterator[tuple[int, float]]:
     """Yield ``(token_id, perf_counter time)`` per generated token (batch 1).
 
     ``runner`` runs the forward passes (:mod:`engine.backends.runners`: the plain ``DynamicRunner`` or the fast
     ``StaticRunner``). Ends after an end-of-sequence token (it is yielded), after ``settings.max_new_tokens``
-    tokens, or when ``cancel`` is set; ``state.finish_reason`` says which.
+    tokens, or when ``cancel`` is set; ``state.finish_reason`` says which. With ``pending`` (the compute
+    scheduler's :data:`engine.compute.PENDING`), a pipelined run yields it while its token is still on the GPU
+    instead of waiting, so that other runs on the thread can step meanwhile.
     """
     device = input_ids.device
     generator = None if settings.greedy else new_generator(str(device), settings.seed)
     state.prompt_tokens = int(input_ids.shape[1])
-    nxt = pick_token(runner.prefill(input_ids, attention_mask), settings, generator)
+    # The fast runner on CUDA works on a stream of its own; picking tokens goes there too (``on_stream``), so
+    # that two runs interleaved on this thread keep the GPU busy with both models at once.
+    on = getattr(runner, "on_stream", contextlib.nullcontext)
+    logits = runner.prefill(input_ids, attention_mask)
+    with on():
+        nxt = pick_token(logits, settings, generator)
     while True:
         # Pipelined (fast path on CUDA): the step that follows this token is launched before the host reads the
         # token, so the GPU works on it while this run streams the token and other runs take their turn. At an
         # end of sequence that step is wasted (the run is over; the next run's prefill resets the cache).
         ahead = runner.pipelined and state.tokens + 1 < settings.max_new_tokens
         if ahead:
-            runner.send(nxt)
-            logits = runner.step(nxt)
+            with on():
+                runner.send(nxt)
+                logits = runner.step(nxt)
+            if pending is not None:
+                while not runner.ready():
+                    yield pending
             tid = runner.received()
         else:
-            tid = int(nxt.item())  # the one device->host sync per token
+            with on():
+                tid = int(nxt.item())  # the one device->host sync per token
         t = time.perf_counter()
         state.tokens += 1
         state.ids.append(tid)
@@ -99,7 +113,8 @@ def decode_steps(runner, input_ids, attention_mask, settings: GenerationSettings
         if cancel is not None and cancel.is_set():
             state.finish_reason = "cancelled"
             return
-        if not ahead:
-            logits = runner.step(nxt)
-        nxt = pick_token(logits, settings, generator)
+        with on():
+            if not ahead:
+                logits = runner.step(nxt)
+            nxt = pick_token(logits, settings, generator)
         del logits

@@ -13,13 +13,16 @@ step advances by itself on replay. The prefill runs eagerly (its length varies).
 the static cache alone (tests check it gives the plain path's tokens). Two more things make the CUDA step fast:
 one-token attention on the grouped key/value heads without a per-head copy of the cache (:func:`gqa_attention`),
 and pipelining (:meth:`StaticRunner.send`/:meth:`StaticRunner.received`, used by ``decode_steps``): the next step
-is launched before the host reads the token, so the GPU does not wait while Python streams it.
+is launched before the host reads the token, so the GPU does not wait while Python streams it. Each CUDA runner
+works on a stream of its own, so the runs of two models (a comparison's panes) share the GPU instead of taking
+turns, and a run whose token is not ready yet lets the others step (``decode_steps``' ``pending``).
 
 A ``StaticRunner`` belongs to one loaded model and serves one run at a time (:func:`acquire`); a run that needs
 more positions than it holds replaces it by a longer one; a run that finds it busy takes the plain path.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Optional
 
@@ -141,19 +144,51 @@ class StaticRunner:
         self.pipelined = self.graphed
         self._host = torch.empty((1, 1), dtype=torch.long, pin_memory=self.graphed)
         self._copied = torch.cuda.Event() if self.graphed else None  # on CPU the copy is done when copy_ returns
+        # On CUDA the runner's work goes to a stream of its own, so that two models' steps (the panes of a
+        # comparison) run on the GPU at the same time instead of queueing behind each other; its graph is
+        # captured on a capture stream of its own too (PyTorch keeps a cuBLAS workspace per stream: graphs
+        # captured on one shared stream would share it when replayed side by side).
+        self.stream = torch.cuda.Stream(device=device) if self.graphed else None
+        self._capture_stream = torch.cuda.Stream(device=device) if self.graphed else None
         compiled = self.graphed and compile_wanted()
         self._step_fn = torch.compile(self._forward, dynamic=False) if compiled else self._forward
 
     def _forward(self, ids):
         return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.kw: self.cache}).logits[:, -1, :]
 
+    def on_stream(self):
+        """A context in which the caller's GPU work goes to this runner's stream (``decode_steps`` picks tokens
+        there); a no-op on CPU."""
+        import torch
+
+        return contextlib.nullcontext() if self.stream is None else torch.cuda.stream(self.stream)
+
+    @contextlib.contextmanager
+    def _own_stream(self):
+        """Run a method's GPU work on the runner's stream, ordered after the caller's stream (its inputs) and
+        before it (its outputs); no waits where the caller is already on the runner's stream."""
+        if self.stream is None:
+            yield
+            return
+        import torch
+
+        caller = torch.cuda.current_stream()
+        if caller == self.stream:
+            yield
+            return
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            yield
+        caller.wait_stream(self.stream)
+
     def prefill(self, ids, mask=None):
         """Batch 1, no padding: the mask is implied by the cache's position (``mask`` is ignored)."""
         if int(ids.shape[1]) >= self.max_len:
             raise ValueError(f"a prompt of {int(ids.shape[1])} tokens does not fit a {self.max_len}-position cache")
-        self.cache.reset()
-        self.pos = int(ids.shape[1])
-        return self._forward(ids)
+        with self._own_stream():
+            self.cache.reset()
+            self.pos = int(ids.shape[1])
+            return self._forward(ids)
 
     def step(self, tok):
         if self.pos >= self.max_len:
@@ -161,11 +196,12 @@ class StaticRunner:
         self.pos += 1
         if not self.graphed:
             return self._forward(tok)
-        self.tok.copy_(tok)
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.out
+        with self._own_stream():
+            self.tok.copy_(tok)
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            return self.out
 
     def _capture(self):
         """Run the step once eagerly on a side stream (warm-up: kernels pick their algorithms, the cache's
@@ -173,7 +209,7 @@ class StaticRunner:
         replay right after it performs the step for real."""
         import torch
 
-        s = torch.cuda.Stream()
+        s = self._capture_stream
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             self._step_fn(self.tok)
@@ -182,16 +218,21 @@ class StaticRunner:
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         # thread_local: loads and other runs on other threads may allocate while this thread captures
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=s, capture_error_mode="thread_local"):
             self.out = self._step_fn(self.tok)
         self.graph = graph
 
     def send(self, tok):
         """Start copying the token tensor ``tok`` to the host (read it with :meth:`received` after launching
         the next step)."""
-        self._host.copy_(tok, non_blocking=self.graphed)
-        if self._copied is not None:
-            self._copied.record()
+        with self._own_stream():
+            self._host.copy_(tok, non_blocking=self.graphed)
+            if self._copied is not None:
+                self._copied.record()
+
+    def ready(self) -> bool:
+        """True once the token started by :meth:`send` is on the host (:meth:`received` will not wait)."""
+        return self._copied is None or self._copied.query()
 
     def received(self) -> int:
         if self._copied is not None:
@@ -199,6 +240,10 @@ class StaticRunner:
         return int(self._host[0, 0])
 
     def release(self):
+        if self.stream is not None:  # whatever runs next on the caller's stream comes after this run's work
+            import torch
+
+            torch.cuda.current_stream().wait_stream(self.stream)
         if self.busy.locked():
             self.busy.release()
 

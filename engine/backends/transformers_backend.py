@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Optional
 
-from ..compute import isolated, scheduler
+from ..compute import PENDING, isolated, scheduler
 from ..errors import BackendUnavailableError, GenerationError, InputError, ModelLoadError, QuantScopeError
 from ..specs import QuantSpec
 from .base import (Backend, GenerationSettings, LoadedModel, Prompt, TokenEvent, TokenStream, check_device,
@@ -136,7 +136,7 @@ def hf_stream(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings,
             mask = enc["attention_mask"].to(dev) if "attention_mask" in enc else None
             runner, ts.decode_path = pick_runner(loaded, ts.prompt_tokens, settings.max_new_tokens)
             try:
-                yield from decode_steps(runner, ids, mask, settings, eos, state, cancel_event)
+                yield from decode_steps(runner, ids, mask, settings, eos, state, cancel_event, pending=PENDING)
             finally:
                 runner.release()
 
