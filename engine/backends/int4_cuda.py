@@ -427,7 +427,8 @@ def pick_config(n: int, k: int, device=None, reps: int = 50, timings: Optional[d
                 gemv(x, ws[i], szs[i], *cfg)
         torch.cuda.current_stream(dev).wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        # thread_local: on a shared server another thread may be decoding on this GPU while a model loads
+        with torch.cuda.graph(g, stream=s, capture_error_mode="thread_local"):
             for i in range(calls):
                 gemv(x, ws[i % copies], szs[i % copies], *cfg)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
