@@ -1,7 +1,7 @@
 """A 4-bit GEMV of our own for one token at a time on CUDA (the decode step of ``hqq4-fast``).
 
 At batch 1 every weight is read once per token, so the matmul's speed is the rate at which it streams the 4-bit
-codes. PyTorch's int4 kernel (tinygemm) reads them at 36-45% of the copy bandwidth on an H200 at Llama-8B's layer
+codes. PyTorch's int4 kernel (tinygemm) reads them at 32-44% of the copy bandwidth on an H200 at Llama-8B's layer
 shapes (docs/benchmarks.md); this kernel is written for that one case.
 
 Layout (built from HQQ's codes by :func:`pack`, same bytes as HQQ's: two codes per byte, one bf16 scale and one
@@ -46,16 +46,16 @@ import torch
 
 GROUP = 64
 BLOCK = 1024  # features per warp step: 32 lanes x 4 words x 8 codes
-E = 100
-CONFIGS = ((4, 2, 0), (4, 2, 1), (8, 2, 0), (8, 2, 1), (4, 4, 0), (8, 1, 1), (2, 4, 1), (4, 1, 1), (8, 4, 0), (2, 2, 1))  # (rows per block, warps per block, prefetch)
+E = 100  # inputs are pre-scaled by 2^(E - c) per nibble (the CUDA source's constants 0x1p100f .. 0x1p80f)
+# (rows per block, warps per block, prefetch): the launch shapes compiled; the fastest per layer shape is used
+CONFIGS = ((4, 2, 0), (4, 2, 1), (8, 2, 0), (8, 2, 1), (4, 4, 0), (8, 1, 1), (2, 4, 1), (4, 1, 1), (8, 4, 0),
+           (2, 2, 1))
 
 _SRC = r"""
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
-
-#define E_ 100
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 v;
@@ -301,7 +301,8 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t r
 }
 """
 
-_CPP = ("torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t rows, int64_t warps, int64_t prefetch);\n"
+_CPP = ("torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t rows, int64_t warps, "
+        "int64_t prefetch);\n"
         "torch::Tensor gemm(torch::Tensor x, torch::Tensor w, torch::Tensor sz);")
 
 
@@ -327,10 +328,12 @@ def _ext():
     try:
         return cpp_extension.load_inline(
             name="quantscope_int4_gemv", cpp_sources=_CPP, cuda_sources=_SRC, functions=["gemv", "gemm"],
-            extra_cuda_cflags=["-O3", "-ftz=false", "-prec-div=true", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
+            extra_cuda_cflags=["-O3", "-ftz=false", "-prec-div=true",
+                               f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
             build_directory=_build_dir(), verbose=False)
     except Exception as e:  # a toolkit too old for this GPU, a compiler error: say it, keep tinygemm
-        return f"the kernel did not compile ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})"
+        last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+        return f"the kernel did not compile ({type(e).__name__}: {last})"
 
 
 def _ninja_from_pip() -> bool:
