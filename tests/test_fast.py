@@ -327,3 +327,43 @@ def test_int4_gemv_says_what_it_cannot_take():
     assert "multiple of 1024 input features, not 576" in ic.why_not(1536, 576, 64)
     if not torch.cuda.is_available():
         assert ic.why_not(4096, 4096, 64) == ic.available() == "no CUDA device"
+
+
+def test_our_gemv_layers_and_fused_siblings_route_rows_right(monkeypatch):
+    """The Python side of the CUDA GEMV on CPU: the kernel is absent here (no GPU), so the extension is replaced by
+    its reference arithmetic (x @ dequantize(W).T); the layers, biases and the q/k/v fusion around it are real."""
+    from engine.backends import int4_cuda as ic
+
+    class Reference:
+        def gemv(self, x, w, sz, rows, warps, prefetch):
+            assert x.shape[0] == 1 and (rows, warps, prefetch) == (4, 2, 0)
+            return (x.float() @ ic.dequantize(w, sz).float().T).to(torch.bfloat16)
+
+        def gemm(self, x, w, sz):
+            return (x.float() @ ic.dequantize(w, sz).float().T).to(torch.bfloat16)
+
+    monkeypatch.setattr(ic, "_ext", lambda: Reference())
+    monkeypatch.setattr(ic, "_config", lambda n, k, device: (4, 2, 0))
+    mod = torch.nn.Module()
+    for name, out_f, seed in (("q_proj", 64, 1), ("k_proj", 16, 2), ("v_proj", 16, 3)):
+        h = _hqq(1024, out_f, bias=True, seed=seed)
+        q, s, z, bias = int4.codes(h)
+        setattr(mod, name, ic.from_codes(q, s, z, bias, config=(4, 2, 0)))
+    with torch.inference_mode():
+        for tokens in (1, 5):
+            x = torch.randn(1, tokens, 1024, dtype=torch.bfloat16)
+            want = [getattr(mod, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
+            ref = x.float() @ ic.dequantize(mod.k_proj.words, mod.k_proj.sz).float().T + mod.k_proj.bias.float()
+            assert want[1].shape == (1, tokens, 16)
+            assert (want[1].float() - ref).abs().max().item() < 0.01 * ref.abs().max().item()
+            fused = torch.nn.Module()
+            fused.q_proj, fused.k_proj, fused.v_proj = mod.q_proj, mod.k_proj, mod.v_proj
+            assert ic.fuse_siblings(fused) == 1
+            in_order = [fused.q_proj(x), fused.k_proj(x), fused.v_proj(x)]
+            assert fused.fused_q_k_v._out is None  # the last sibling let go of the stacked output
+            alone = [fused.v_proj(x), fused.k_proj(x), fused.q_proj(x)]
+            fused.fused_q_k_v._x = fused.fused_q_k_v._out = None
+            for a, b in zip(want, in_order):
+                assert torch.equal(a, b)
+            for a, b in zip(want[::-1], alone):
+                assert torch.equal(a, b)

@@ -90,18 +90,17 @@ class HQQBackend(HFBackend):
             from . import int4
 
             t = time.perf_counter()
-            n, notes = int4.convert(model, device)
-            left = [nt for nt in notes if "stay on HQQ's path" in nt]
-            if not n:
-                raise InputError(f"{quant.name}: no layer can run on an int4 kernel ({'; '.join(left)}). "
+            conv = int4.convert(model, device)
+            if not conv.done:
+                raise InputError(f"{quant.name}: no layer can run on an int4 kernel ({'; '.join(conv.left)}). "
                                  f"Use plain hqq{quant.bits}.")
-            if left and HQQLinear.backend not in (Kernel.PYTORCH, Kernel.PYTORCH_FORWARD):
+            if conv.left and HQQLinear.backend not in (Kernel.PYTORCH, Kernel.PYTORCH_FORWARD):
                 HQQLinear.set_backend(Kernel.PYTORCH)
             self._smoke(model, device)
-            kernel = "QuantScope int4 GEMV" if any("QuantScope" in nt for nt in notes) else "int4 kernel"
+            kernel = "QuantScope int4 GEMV" if conv.ours else "int4 kernel"
             return model, q_s + time.perf_counter() - t, {
-                "hqq_backend": kernel + (" (some layers on HQQ's path)" if left else ""),
-                "hqq_backend_notes": notes}
+                "hqq_backend": kernel + (" (some layers on HQQ's path)" if conv.left else ""),
+                "hqq_backend_notes": conv.notes + conv.left}
         if not device.startswith("cuda"):
             if HQQLinear.backend not in (Kernel.PYTORCH, Kernel.PYTORCH_FORWARD):
                 HQQLinear.set_backend(Kernel.PYTORCH)

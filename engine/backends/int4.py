@@ -22,7 +22,7 @@ our own CUDA GEMV (:mod:`engine.backends.int4_cuda`, 38-64%) and keeps this kern
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch  # this module is imported only where a model is being loaded (engine.backends.hqq_backend)
 
@@ -119,13 +119,19 @@ def from_codes(q, s, z, gs: int, bias=None):
     return Int4Linear(packed, scales_zeros, in_f, out_f, gs, bias)
 
 
-def convert(model, device: str) -> tuple[int, list[str]]:
+class Conversion(NamedTuple):
+    done: int  # layers converted
+    ours: int  # of which on our CUDA GEMV (engine.backends.int4_cuda)
+    notes: list  # one line per kernel used
+    left: list  # one line per distinct reason a layer stayed on HQQ's path
+
+
+def convert(model, device: str) -> Conversion:
     """Replace every convertible ``HQQLinear`` of ``model`` in place: on CUDA by our own GEMV
     (:mod:`engine.backends.int4_cuda`) where it can be built and takes the layer's shape, else by an
     ``Int4Linear`` (tinygemm); sibling projections on our GEMV are then fused (q/k/v, gate/up).
 
-    Returns (layers converted, notes: one line per kernel used and per distinct reason a layer stayed on HQQ's
-    path)."""
+    Returns a :class:`Conversion`."""
     from hqq.core.quantize import HQQLinear
 
     ours = None
@@ -163,4 +169,5 @@ def convert(model, device: str) -> tuple[int, list[str]]:
     if kernels["tinygemm"]:
         notes.append(f"{kernels['tinygemm']} layers on PyTorch's int4 kernel (tinygemm)" +
                      "".join(f"; not on ours: {w} ({n})" for w, n in why_tiny.items()))
-    return done, notes + [f"{n} layer(s) stay on HQQ's path: {why}" for why, n in reasons.items()]
+    return Conversion(done, kernels["ours"], notes,
+                      [f"{n} layer(s) stay on HQQ's path: {why}" for why, n in reasons.items()])

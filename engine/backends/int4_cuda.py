@@ -466,6 +466,15 @@ def _(x2, words, sz, rows, warps, prefetch):
     return x2.new_empty((x2.shape[0], words.shape[0]))
 
 
+def _apply(x, words, sz, bias, config):
+    """``x @ W.T + b`` for W = (words, sz) in this kernel's layout, any leading dimensions of ``x``."""
+    shape = x.shape
+    y = torch.ops.quantscope.int4_gemv(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), words, sz, *config)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], int(words.shape[0]))
+
+
 class GemvInt4Linear(torch.nn.Module):
     """``y = x @ W.T + b`` with W in this kernel's layout (one token: the GEMV; a prompt: the same arithmetic,
     each block applying its weights to 8 tokens at a time)."""
@@ -480,12 +489,7 @@ class GemvInt4Linear(torch.nn.Module):
         self.config = tuple(config)
 
     def forward(self, x):
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = torch.ops.quantscope.int4_gemv(x2, self.words, self.sz, *self.config)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+        return _apply(x, self.words, self.sz, self.bias, self.config)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP}, "
@@ -526,14 +530,9 @@ class _Fused(torch.nn.Module):
         if i == 0:
             self._x, self._out = x, self.linear(x).split(self.sizes, dim=-1)
         if self._x is not x or self._out is None:  # called alone or out of order: this part's rows only
-            lo = sum(self.sizes[:i])
+            rows = slice(sum(self.sizes[:i]), sum(self.sizes[:i + 1]))
             lin = self.linear
-            y = torch.ops.quantscope.int4_gemv(x.reshape(-1, lin.in_features).to(torch.bfloat16).contiguous(),
-                                               lin.words[lo:lo + self.sizes[i]], lin.sz[lo:lo + self.sizes[i]],
-                                               *lin.config)
-            if lin.bias is not None:
-                y = y + lin.bias[lo:lo + self.sizes[i]]
-            return y.reshape(*x.shape[:-1], self.sizes[i])
+            return _apply(x, lin.words[rows], lin.sz[rows], None if lin.bias is None else lin.bias[rows], lin.config)
         y = self._out[i]
         if i == len(self.sizes) - 1:  # the last sibling: let go of the input and the stacked output
             self._x, self._out = None, None
