@@ -254,12 +254,15 @@ def test_gqa_attention_inside_compile_matches_transformers_sdpa(monkeypatch):
 def test_int4_gemv_layout_puts_a_lanes_four_words_in_one_16_byte_load():
     from engine.backends import int4_cuda as ic
 
-    n, k = 3, 2048
+    n, k = ic.PACK_ROWS + 3, 2048  # packed in row chunks: a chunk and a ragged one
     feat = torch.arange(k).expand(n, k)
     q = ((feat * 7 + torch.arange(n)[:, None] * 5) % 16).to(torch.uint8)  # a code pattern that tells features apart
     words = ic.pack(q)
     assert words.shape == (n, k // 8) and words.dtype == torch.int32
     assert torch.equal(ic.unpack(words), q)
+    into = torch.zeros((n + 2, k // 8), dtype=torch.int32)
+    ic.pack(q, out=into[1:n + 1])  # rows of a stacked layer
+    assert torch.equal(into[1:n + 1], words) and not into[0].any() and not into[-1].any()
     # step c, lane t, word j of the lane's 16 bytes (int32 index c*128 + t*4 + j) holds features 256j + 8t + i
     for row, c, t, j, i in ((0, 0, 0, 0, 0), (1, 0, 5, 3, 7), (2, 1, 31, 2, 4), (0, 1, 17, 1, 6)):
         word = int(words[row, c * 128 + t * 4 + j]) & 0xFFFFFFFF
@@ -339,26 +342,30 @@ def test_our_gemv_layers_and_fused_siblings_route_rows_right(monkeypatch):
             assert x.shape[0] == 1 and (rows, warps, prefetch) == (4, 2, 0)
             return (x.float() @ ic.dequantize(w, sz).float().T).to(torch.bfloat16)
 
-        def gemm(self, x, w, sz):
+        def gemm(self, x, w, sz, chunk_rows):
+            assert chunk_rows == ic.chunk_rows(x.shape[0], x.shape[1])
             return (x.float() @ ic.dequantize(w, sz).float().T).to(torch.bfloat16)
 
     monkeypatch.setattr(ic, "_ext", lambda: Reference())
     monkeypatch.setattr(ic, "_config", lambda n, k, device: (4, 2, 0))
     mod = torch.nn.Module()
-    for name, out_f, seed in (("q_proj", 64, 1), ("k_proj", 16, 2), ("v_proj", 16, 3)):
-        h = _hqq(1024, out_f, bias=True, seed=seed)
-        q, s, z, bias = int4.codes(h)
+    names, hs = ("q_proj", "k_proj", "v_proj"), []
+    for name, out_f, seed in zip(names, (64, 16, 16), (1, 2, 3)):
+        hs.append(_hqq(1024, out_f, bias=True, seed=seed))
+        q, s, z, bias = int4.codes(hs[-1])
         setattr(mod, name, ic.from_codes(q, s, z, bias, config=(4, 2, 0)))
     with torch.inference_mode():
-        for tokens in (1, 5):
+        for tokens in (1, 5, ic.DEQUANT_MIN_TOKENS):
             x = torch.randn(1, tokens, 1024, dtype=torch.bfloat16)
             want = [getattr(mod, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
             ref = x.float() @ ic.dequantize(mod.k_proj.words, mod.k_proj.sz).float().T + mod.k_proj.bias.float()
             assert want[1].shape == (1, tokens, 16)
             assert (want[1].float() - ref).abs().max().item() < 0.01 * ref.abs().max().item()
             fused = torch.nn.Module()
-            fused.q_proj, fused.k_proj, fused.v_proj = mod.q_proj, mod.k_proj, mod.v_proj
-            assert ic.fuse_siblings(fused) == 1
+            group = ic.fuse_codes(fused, names, [64, 16, 16], (int4.codes(h) for h in hs))
+            assert fused.fused_q_k_v is group and isinstance(fused.k_proj, ic._Part)
+            assert torch.equal(group.linear.words, torch.cat([getattr(mod, n).words for n in names]))
+            assert torch.equal(group.linear.sz, torch.cat([getattr(mod, n).sz for n in names]))
             in_order = [fused.q_proj(x), fused.k_proj(x), fused.v_proj(x)]
             assert fused.fused_q_k_v._out is None  # the last sibling let go of the stacked output
             alone = [fused.v_proj(x), fused.k_proj(x), fused.q_proj(x)]

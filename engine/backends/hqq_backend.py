@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 
 from ..errors import InputError
-from .base import torch_dtype
+from .base import release_memory, torch_dtype
 from .transformers_backend import HFBackend, _import_error
 
 CUDA_CANDIDATES = ("gemlite", "torchao_int4", "bitblas")
@@ -91,6 +91,7 @@ class HQQBackend(HFBackend):
 
             t = time.perf_counter()
             conv = int4.convert(model, device)
+            release_memory(device)  # the HQQ layers' codes and the conversion's temporaries, back to the driver
             if not conv.done:
                 raise InputError(f"{quant.name}: no layer can run on an int4 kernel ({'; '.join(conv.left)}). "
                                  f"Use plain hqq{quant.bits}.")

@@ -128,8 +128,8 @@ class Conversion(NamedTuple):
 
 def convert(model, device: str) -> Conversion:
     """Replace every convertible ``HQQLinear`` of ``model`` in place: on CUDA by our own GEMV
-    (:mod:`engine.backends.int4_cuda`) where it can be built and takes the layer's shape, else by an
-    ``Int4Linear`` (tinygemm); sibling projections on our GEMV are then fused (q/k/v, gate/up).
+    (:mod:`engine.backends.int4_cuda`) where it can be built and takes the layer's shape -- sibling projections
+    (q/k/v, gate/up) stacked into one call each -- else by an ``Int4Linear`` (tinygemm).
 
     Returns a :class:`Conversion`."""
     from hqq.core.quantize import HQQLinear
@@ -139,8 +139,22 @@ def convert(model, device: str) -> Conversion:
         from . import int4_cuda
 
         ours = int4_cuda
-    done, reasons, kernels, why_tiny = 0, {}, {"ours": 0, "tinygemm": 0}, {}
+    done, fused, reasons, kernels, why_tiny = 0, 0, {}, {"ours": 0, "tinygemm": 0}, {}
+
+    def why_ours(layer) -> Optional[str]:
+        out_f, in_f = (int(d) for d in layer.meta["shape"])
+        return ours.why_not(out_f, in_f, int(layer.meta["group_size"]))
+
     for parent in list(model.modules()):
+        for names in ours.SIBLINGS if ours else ():
+            layers = [getattr(parent, nm, None) for nm in names]
+            if not all(isinstance(x, HQQLinear) and why_not(x, device) is None and why_ours(x) is None
+                       for x in layers):
+                continue
+            if len({int(x.meta["shape"][1]) for x in layers}) != 1 or len({x.bias is None for x in layers}) != 1:
+                continue
+            ours.fuse_codes(parent, names, [int(x.meta["shape"][0]) for x in layers], (codes(x) for x in layers))
+            done, fused, kernels["ours"] = done + len(layers), fused + 1, kernels["ours"] + len(layers)
         for name, child in list(parent.named_children()):
             if not isinstance(child, HQQLinear):
                 continue
@@ -149,21 +163,19 @@ def convert(model, device: str) -> Conversion:
                 reasons.setdefault(why, 0)
                 reasons[why] += 1
                 continue
-            out_f, in_f = (int(d) for d in child.meta["shape"])
-            why_ours = ours.why_not(out_f, in_f, int(child.meta["group_size"])) if ours else None
-            if ours and why_ours is None:
+            why_o = why_ours(child) if ours else None
+            if ours and why_o is None:
                 q, s, z, bias = codes(child)
                 setattr(parent, name, ours.from_codes(q, s, z, bias))
                 kernels["ours"] += 1
             else:
-                if why_ours:
-                    why_tiny[why_ours] = why_tiny.get(why_ours, 0) + 1
+                if why_o:
+                    why_tiny[why_o] = why_tiny.get(why_o, 0) + 1
                 setattr(parent, name, from_hqq(child))
                 kernels["tinygemm"] += 1
             done += 1
     notes = []
     if kernels["ours"]:
-        fused = ours.fuse_siblings(model)
         notes.append(f"{kernels['ours']} layers on QuantScope's int4 GEMV (CUDA; {fused} q/k/v and gate/up groups "
                      f"fused)")
     if kernels["tinygemm"]:

@@ -25,9 +25,11 @@ subnormals kept (nvcc's default, ``-ftz=false``, passed explicitly).
 
 One token (the decode step): ``gemv_int4<R, KS, PF>``, R rows per block, KS warps splitting a row's K, PF
 prefetching the next step's weights; the fastest of :data:`CONFIGS` is timed per layer shape at load
-(:func:`pick_config`, on copies of the weights larger than the L2 cache). A prompt: ``gemm_int4``, the same
-arithmetic applied by each block to 8 tokens at a time (on CUDA cores; no 16-bit copy of any weight).
-Sibling projections (q/k/v, gate/up) can be stacked into one call (:func:`fuse_siblings`).
+(:func:`pick_config`, on copies of the weights larger than the L2 cache). A prompt of fewer than
+:data:`DEQUANT_MIN_TOKENS` tokens: ``gemm_int4``, the same arithmetic applied by each block to 8 tokens at a time
+(CUDA cores); a longer one: ``dequant_int4`` writes :data:`DEQUANT_BYTES` of rows at a time as bf16 into a buffer
+that ``cublasGemmEx`` multiplies (tensor cores; 512 tokens of an 8B: 32 ms instead of 449 ms).
+Sibling projections (q/k/v, gate/up) can be stacked into one call (:func:`fuse_codes`).
 
 Compiled at first use with ``torch.utils.cpp_extension.load_inline`` (needs nvcc and ninja; ~50 s, cached in
 ``~/.cache/quantscope`` or ``QUANTSCOPE_KERNEL_CACHE``); where either is missing, :func:`why_not` says so and
@@ -47,6 +49,9 @@ import torch
 GROUP = 64
 BLOCK = 1024  # features per warp step: 32 lanes x 4 words x 8 codes
 E = 100  # inputs are pre-scaled by 2^(E - c) per nibble (the CUDA source's constants 0x1p100f .. 0x1p80f)
+# prompts of at least this many tokens: dequantize + cuBLAS, chunks of at most this many bytes (chunk_rows)
+DEQUANT_MIN_TOKENS = 32
+DEQUANT_BYTES = 32 << 20
 # (rows per block, warps per block, prefetch): the launch shapes compiled; the fastest per layer shape is used
 CONFIGS = ((4, 2, 0), (4, 2, 1), (8, 2, 0), (8, 2, 1), (4, 4, 0), (8, 1, 1), (2, 4, 1), (4, 1, 1), (8, 4, 0),
            (2, 2, 1))
@@ -54,6 +59,7 @@ CONFIGS = ((4, 2, 0), (4, 2, 1), (8, 2, 0), (8, 2, 1), (4, 4, 0), (8, 1, 1), (2,
 _SRC = r"""
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
 
@@ -77,6 +83,29 @@ __device__ __forceinline__ float dot8(uint32_t w, const float* xf) {
   return p;
 }
 
+#define BACK 0x1p49f  // 2^(149 - E): scales a group's sum of code x input products back
+
+// Eight bf16 inputs at p (16-byte aligned) -> xf, each pre-scaled by 2^(E - c) for the bit position c of its
+// nibble (c = 0,4,..,20, then 16, 20 after the shift); returns their plain sum.
+__device__ __forceinline__ float prep_x8(const __nv_bfloat16* p, float* xf) {
+  const float kScale[8] = {0x1p100f, 0x1p96f, 0x1p92f, 0x1p88f, 0x1p84f, 0x1p80f, 0x1p84f, 0x1p80f};
+  const uint4 xv = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* xb = reinterpret_cast<const __nv_bfloat162*>(&xv);
+  float xs = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 v = __bfloat1622float2(xb[i]);
+    xs += v.x + v.y;
+    xf[2 * i] = v.x * kScale[2 * i];
+    xf[2 * i + 1] = v.y * kScale[2 * i + 1];
+  }
+  return xs;
+}
+
+__device__ __forceinline__ uint32_t part(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
 // R rows per block; KS warps per block split the row's 1,024-feature steps between them; PF: each warp loads its
 // next step's weights before working on this one (more bytes in flight per warp, more registers).
 template <int R, int KS, bool PF>
@@ -86,9 +115,6 @@ __global__ void __launch_bounds__(32 * KS) gemv_int4(const __nv_bfloat16* __rest
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = blockIdx.x * R;
   const int KV = K >> 5, KG = K >> 6, steps = K >> 10;
-  // 2^(E - c) for the bit position c of each nibble (c = 0,4,..,20, then 16, 20 after the shift)
-  const float sc[8] = {0x1p100f, 0x1p96f, 0x1p92f, 0x1p88f, 0x1p84f, 0x1p80f, 0x1p84f, 0x1p80f};
-  const float back = 0x1p49f;  // 2^(149 - E)
   // per row: sum over words of s * dot8 (scaled by 2^(E-149)), of s * sum(x), and of (8 - z) s * sum(x)
   float acc[R], accs[R], accz[R];
 #pragma unroll
@@ -125,20 +151,11 @@ __global__ void __launch_bounds__(32 * KS) gemv_int4(const __nv_bfloat16* __rest
     for (int r = 0; r < R; ++r) szv[r] = *reinterpret_cast<const uint4*>(szrow[r] + c * 16);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const uint4 xv = *reinterpret_cast<const uint4*>(x + c * 1024 + j * 256 + lane * 8);
-      const __nv_bfloat162* xb = reinterpret_cast<const __nv_bfloat162*>(&xv);
-      float xf[8], xs = 0.f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 v = __bfloat1622float2(xb[i]);
-        xs += v.x + v.y;
-        xf[2 * i] = v.x * sc[2 * i];
-        xf[2 * i + 1] = v.y * sc[2 * i + 1];
-      }
+      float xf[8];
+      const float xs = prep_x8(x + c * 1024 + j * 256 + lane * 8, xf);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const uint32_t w = j == 0 ? cur[r].x : j == 1 ? cur[r].y : j == 2 ? cur[r].z : cur[r].w;
-        const uint32_t szw = j == 0 ? szv[r].x : j == 1 ? szv[r].y : j == 2 ? szv[r].z : szv[r].w;
+        const uint32_t w = part(cur[r], j), szw = part(szv[r], j);
         const float sx = __uint_as_float(szw << 16), zx = __uint_as_float(szw & 0xFFFF0000u);  // bf16 pair
         acc[r] = fmaf(sx, dot8(w, xf), acc[r]);
         accs[r] = fmaf(sx, xs, accs[r]);
@@ -148,7 +165,7 @@ __global__ void __launch_bounds__(32 * KS) gemv_int4(const __nv_bfloat16* __rest
   }
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    acc[r] = fmaf(acc[r], back, fmaf(-8.f, accs[r], accz[r]));  // s (q - 8) x + (8 - z) s x = s (q - z) x
+    acc[r] = fmaf(acc[r], BACK, fmaf(-8.f, accs[r], accz[r]));  // s (q - 8) x + (8 - z) s x = s (q - z) x
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
   }
@@ -183,8 +200,6 @@ __global__ void __launch_bounds__(32 * KS) gemm_int4(const __nv_bfloat16* __rest
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = blockIdx.x * R, m0 = blockIdx.y * MT;
   const int KV = K >> 5, KG = K >> 6, steps = K >> 10;
-  const float sc[8] = {0x1p100f, 0x1p96f, 0x1p92f, 0x1p88f, 0x1p84f, 0x1p80f, 0x1p84f, 0x1p80f};
-  const float back = 0x1p49f;
   float acc[MT][R];
 #pragma unroll
   for (int m = 0; m < MT; ++m)
@@ -208,21 +223,11 @@ __global__ void __launch_bounds__(32 * KS) gemm_int4(const __nv_bfloat16* __rest
       const __nv_bfloat16* xm = x + (size_t)(m0 + m) * K;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const uint4 xv = *reinterpret_cast<const uint4*>(xm + c * 1024 + j * 256 + lane * 8);
-        const __nv_bfloat162* xb = reinterpret_cast<const __nv_bfloat162*>(&xv);
-        float xf[8], xs = 0.f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const float2 v = __bfloat1622float2(xb[i]);
-          xs += v.x + v.y;
-          xf[2 * i] = v.x * sc[2 * i];
-          xf[2 * i + 1] = v.y * sc[2 * i + 1];
-        }
-        const uint32_t* wj;
+        float xf[8];
+        const float xs = prep_x8(xm + c * 1024 + j * 256 + lane * 8, xf);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          wj = reinterpret_cast<const uint32_t*>(&cur[r]);
-          acc[m][r] = fmaf(szf[r][j].x * back, dot8(wj[j], xf), acc[m][r]);
+          acc[m][r] = fmaf(szf[r][j].x * BACK, dot8(part(cur[r], j), xf), acc[m][r]);
           acc[m][r] = fmaf(fmaf(-8.f, szf[r][j].x, szf[r][j].y), xs, acc[m][r]);
         }
       }
@@ -250,6 +255,31 @@ __global__ void __launch_bounds__(32 * KS) gemm_int4(const __nv_bfloat16* __rest
   }
 }
 
+// Rows of W -> a bf16 [rows, K] matrix in the usual layout (feature k of row n at n * K + k): one thread per
+// lane's 16 bytes of words (32 features), value s (q - 8) + (8 - z) s as in the kernels above, rounded to bf16.
+__global__ void dequant_int4(const uint4* __restrict__ W, const __nv_bfloat162* __restrict__ SZ,
+                             __nv_bfloat16* __restrict__ out, int rows, int K) {
+  const int KV = K >> 5, KG = K >> 6;
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (long)rows * KV) return;
+  const int row = i / KV, v = i % KV, c = v >> 5, lane = v & 31;
+  const uint4 w = ld_stream(W + i);
+  const uint4 szv = *reinterpret_cast<const uint4*>(SZ + (size_t)row * KG + c * 16 + (lane >> 3) * 4);
+  const __nv_bfloat162* szb = reinterpret_cast<const __nv_bfloat162*>(&szv);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 sz = __bfloat1622float2(szb[j]);
+    const uint32_t word = part(w, j);
+    __nv_bfloat162 o[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      o[k] = __floats2bfloat162_rn(fmaf((float)((word >> (8 * k)) & 0xF) - 8.f, sz.x, sz.y),
+                                   fmaf((float)((word >> (8 * k + 4)) & 0xF) - 8.f, sz.x, sz.y));
+    *reinterpret_cast<uint4*>(out + (size_t)row * K + c * 1024 + j * 256 + lane * 8) =
+        *reinterpret_cast<const uint4*>(o);
+  }
+}
+
 template <int R, int KS, bool PF>
 static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, torch::Tensor& y,
                    int N, int K) {
@@ -259,15 +289,40 @@ static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::
       reinterpret_cast<const __nv_bfloat162*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), N, K);
 }
 
-torch::Tensor gemm(torch::Tensor x, torch::Tensor w, torch::Tensor sz) {
+// chunk_rows > 0: rows of W are dequantized chunk_rows at a time into a bf16 buffer that a cuBLAS matmul reads
+// (tensor cores; the buffer is small enough to stay in L2); 0: gemm_int4 (weights read ceil(M / 8) times).
+torch::Tensor gemm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t chunk_rows) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 &&
               x.size(1) == w.size(1) * 8, "x: contiguous bf16 [M, K]");
   TORCH_CHECK(w.scalar_type() == at::kInt && w.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
               sz.is_contiguous(), "words int32 and sz bf16, contiguous");
   const int M = x.size(0), N = w.size(0), K = w.size(1) * 8;
   TORCH_CHECK(K % 1024 == 0, "K must be a multiple of 1024");
-  auto y = torch::empty({M, N}, x.options());
   auto stream = at::cuda::getCurrentCUDAStream();
+  auto y = torch::empty({M, N}, x.options());
+  if (chunk_rows > 0) {
+    const int rows = (int)std::min<int64_t>(chunk_rows, N);
+    auto buf = torch::empty({rows, K}, x.options());
+    cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // on this stream, with PyTorch's workspace
+    const float one = 1.f, zero = 0.f;
+    auto* yp = reinterpret_cast<__nv_bfloat16*>(y.data_ptr());
+    for (int r0 = 0; r0 < N; r0 += rows) {
+      const int n = std::min(rows, N - r0);
+      const long threads = (long)n * (K >> 5);
+      dequant_int4<<<(threads + 255) / 256, 256, 0, stream>>>(
+          reinterpret_cast<const uint4*>(w.data_ptr()) + (size_t)r0 * (K >> 5),
+          reinterpret_cast<const __nv_bfloat162*>(sz.data_ptr()) + (size_t)r0 * (K >> 6),
+          reinterpret_cast<__nv_bfloat16*>(buf.data_ptr()), n, K);
+      // columns r0 .. r0 + n of y [M, N] (row-major) = x [M, K] @ buf[:n].T; cuBLAS is column-major: y.T's rows
+      // r0.. (leading dimension N) = buf[:n] (K x n, transposed) times x.T (K x M). cuBLAS directly, not
+      // at::mm: a prompt makes hundreds of these calls and waits on their host time, not on the GPU's.
+      const cublasStatus_t st = cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, M, K, &one, buf.data_ptr(),
+          CUDA_R_16BF, K, x.data_ptr(), CUDA_R_16BF, K, &zero, yp + r0, CUDA_R_16BF, N, CUBLAS_COMPUTE_32F,
+          CUBLAS_GEMM_DEFAULT);
+      TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "cublasGemmEx failed with status ", (int)st);
+    }
+    return y;
+  }
   dim3 grid((N + 3) / 4, (M + 7) / 8);
   gemm_int4<4, 2, 8><<<grid, 64, 0, stream>>>(
       reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const uint4*>(w.data_ptr()),
@@ -303,7 +358,7 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t r
 
 _CPP = ("torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t rows, int64_t warps, "
         "int64_t prefetch);\n"
-        "torch::Tensor gemm(torch::Tensor x, torch::Tensor w, torch::Tensor sz);")
+        "torch::Tensor gemm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t chunk_rows);")
 
 
 def _build_dir() -> str:
@@ -330,7 +385,7 @@ def _ext():
             name="quantscope_int4_gemv", cpp_sources=_CPP, cuda_sources=_SRC, functions=["gemv", "gemm"],
             extra_cuda_cflags=["-O3", "-ftz=false", "-prec-div=true",
                                f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
-            build_directory=_build_dir(), verbose=False)
+            extra_ldflags=["-lcublas"], build_directory=_build_dir(), verbose=False)
     except Exception as e:  # a toolkit too old for this GPU, a compiler error: say it, keep tinygemm
         last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
         return f"the kernel did not compile ({type(e).__name__}: {last})"
@@ -360,14 +415,24 @@ def why_not(n: int, k: int, group_size: int) -> Optional[str]:
     return available()
 
 
-def pack(q: torch.Tensor) -> torch.Tensor:
-    """Codes [N, K] (0..15) -> words int32 [N, K/8] in the kernel's layout (module docstring)."""
+PACK_ROWS = 1024  # rows packed at a time: the int32 temporaries stay small (16 MB at K = 4,096)
+
+
+def pack(q: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Codes [N, K] (0..15) -> words int32 [N, K/8] in the kernel's layout (module docstring), written into
+    ``out`` (rows of a stacked layer) when given. Packed ``PACK_ROWS`` rows at a time: a loading model's
+    temporaries stay small, so the caching allocator is not left holding large blocks between the weights."""
     n, k = q.shape
-    q = q.to(torch.int32).reshape(n, k // 8, 8)
-    words = torch.zeros((n, k // 8), dtype=torch.int32, device=q.device)
-    for i in range(8):
-        words |= q[:, :, i] << (4 * i)  # bit 31 may be set: int32 wraps, the bits are what counts
-    return words.reshape(n, k // BLOCK, 4, 32).transpose(2, 3).contiguous().reshape(n, k // 8)
+    if out is None:
+        out = torch.empty((n, k // 8), dtype=torch.int32, device=q.device)
+    for r in range(0, n, PACK_ROWS):
+        c = q[r:r + PACK_ROWS].to(torch.int32).reshape(-1, k // 8, 8)
+        words = c[:, :, 0].clone()
+        for i in range(1, 8):
+            words |= c[:, :, i] << (4 * i)  # bit 31 may be set: int32 wraps, the bits are what counts
+        rows = c.shape[0]
+        out[r:r + rows] = words.reshape(rows, k // BLOCK, 4, 32).transpose(2, 3).reshape(rows, k // 8)
+    return out
 
 
 def unpack(words: torch.Tensor) -> torch.Tensor:
@@ -378,13 +443,18 @@ def unpack(words: torch.Tensor) -> torch.Tensor:
     return ((w >> shifts) & 0xF).to(torch.uint8).reshape(n, kw * 8)
 
 
-def pack_sz(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def pack_sz(s: torch.Tensor, z: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """HQQ's scales and zeros [N, K/64] -> bf16 [N, K/64, 2] = (s, (8 - z) * s), computed in fp32 (tinygemm's
-    zero term: half the rounding error of storing ``-z * s``, as the codes' midpoint 8 is taken out exactly)."""
+    zero term: half the rounding error of storing ``-z * s``, as the codes' midpoint 8 is taken out exactly);
+    written into ``out`` when given."""
     s, z = s.float(), z.float()
     n, g = s.shape
     sz = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16)  # [N, G, 2], group = 16c + 4j + t
-    return sz.reshape(n, g // 16, 4, 4, 2).transpose(2, 3).contiguous().reshape(n, g, 2)
+    sz = sz.reshape(n, g // 16, 4, 4, 2).transpose(2, 3).reshape(n, g, 2)
+    if out is None:
+        return sz.contiguous()
+    out.copy_(sz)
+    return out
 
 
 def unpack_sz(sz: torch.Tensor) -> torch.Tensor:
@@ -400,6 +470,15 @@ def dequantize(words: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
     szf = unpack_sz(sz).float()
     w = (q.reshape(n, k // GROUP, GROUP) - 8) * szf[..., :1] + szf[..., 1:]
     return w.reshape(n, k).to(torch.bfloat16)
+
+
+def chunk_rows(m: int, k: int) -> int:
+    """How a prompt of ``m`` tokens is multiplied by an N x ``k`` layer: 0 -> ``gemm_int4`` (CUDA cores, the
+    weights read once per 8 tokens); else this many rows at a time are dequantized into a bf16 buffer of at most
+    :data:`DEQUANT_BYTES` that a cuBLAS matmul reads (tensor cores; the buffer stays in L2)."""
+    if m < DEQUANT_MIN_TOKENS:
+        return 0
+    return max(64, DEQUANT_BYTES // (2 * k) // 64 * 64)
 
 
 def gemv(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, rows: int, warps: int, prefetch: int) -> torch.Tensor:
@@ -451,14 +530,20 @@ def pick_config(n: int, k: int, device=None, reps: int = 50, timings: Optional[d
     return best
 
 
-@torch.library.custom_op("quantscope::int4_gemv", mutates_args=())
-def _int4_mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, rows: int, warps: int,
-             prefetch: int) -> torch.Tensor:
+def _mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, rows: int, warps: int,
+        prefetch: int) -> torch.Tensor:
+    """``x2 @ W.T`` for x2 [M, K] bf16 contiguous: one token -> the GEMV, a prompt -> ``gemm``."""
     if x2.data_ptr() % 16:  # the kernels read the input 16 bytes at a time
         x2 = x2.clone()
     if x2.shape[0] == 1:
         return _ext().gemv(x2, words, sz, rows, warps, prefetch)
-    return _ext().gemm(x2, words, sz)
+    return _ext().gemm(x2, words, sz, chunk_rows(x2.shape[0], x2.shape[1]))
+
+
+@torch.library.custom_op("quantscope::int4_gemv", mutates_args=())
+def _int4_mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, rows: int, warps: int,
+             prefetch: int) -> torch.Tensor:
+    return _mm(x2, words, sz, rows, warps, prefetch)
 
 
 @_int4_mm.register_fake
@@ -469,7 +554,10 @@ def _(x2, words, sz, rows, warps, prefetch):
 def _apply(x, words, sz, bias, config):
     """``x @ W.T + b`` for W = (words, sz) in this kernel's layout, any leading dimensions of ``x``."""
     shape = x.shape
-    y = torch.ops.quantscope.int4_gemv(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), words, sz, *config)
+    # the custom op is for torch.compile (the decode step); called eagerly (a prompt), its wrapper's host time
+    # would add up over the hundreds of calls of a prefill
+    mm = torch.ops.quantscope.int4_gemv if torch.compiler.is_compiling() else _mm
+    y = mm(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), words, sz, *config)
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], int(words.shape[0]))
@@ -555,27 +643,31 @@ class _Part(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a fused GEMV"
 
 
-def fuse_siblings(model) -> int:
-    """Stack the rows of sibling projections (q/k/v, gate/up) that are all :class:`GemvInt4Linear` into one
-    kernel call each (fewer launches per token). Returns how many groups were fused."""
-    done = 0
-    for mod in list(model.modules()):
-        for names in SIBLINGS:
-            layers = [getattr(mod, nm, None) for nm in names]
-            if not all(isinstance(lin, GemvInt4Linear) for lin in layers):
-                continue
-            if len({lin.in_features for lin in layers}) != 1 or len({lin.bias is None for lin in layers}) != 1:
-                continue
-            words = torch.cat([lin.words for lin in layers])
-            sz = torch.cat([lin.sz for lin in layers])
-            bias = None
-            if layers[0].bias is not None:
-                bias = torch.nn.Parameter(torch.cat([lin.bias.data for lin in layers]), requires_grad=False)
-            n, k = int(words.shape[0]), layers[0].in_features
-            fused = _Fused(GemvInt4Linear(words, sz, k, bias, _config(n, k, words.device)),
-                           [lin.out_features for lin in layers])
-            setattr(mod, "fused_" + "_".join(nm.split("_")[0] for nm in names), fused)
-            for i, (nm, lin) in enumerate(zip(names, layers)):
-                setattr(mod, nm, _Part(fused, i, k, lin.out_features))
-            done += 1
-    return done
+def fuse_codes(parent, names, sizes: list[int], parts) -> _Fused:
+    """Replace the sibling projections ``names`` of ``parent`` (e.g. q/k/v) by one stacked GEMV: ``parts``
+    yields each sibling's (codes [n_i, K], scales, zeros, bias or None), n_i = ``sizes[i]``, in order; each is
+    packed straight into its rows of the stacked weights (allocated first, so no per-sibling copy is made and
+    freed between a loading model's weights). Each name then holds a :class:`_Part`; returns the group."""
+    words = sz = None
+    biases, r0 = [], 0
+    for size, (q, s, z, bias) in zip(sizes, parts):
+        k = int(q.shape[1])
+        if words is None:
+            words = torch.empty((sum(sizes), k // 8), dtype=torch.int32, device=q.device)
+            sz = torch.empty((sum(sizes), k // GROUP, 2), dtype=torch.bfloat16, device=q.device)
+        pack(q, out=words[r0:r0 + size])
+        pack_sz(s, z, out=sz[r0:r0 + size])
+        biases.append(bias)
+        r0 += size
+        del q, s, z
+    if any(b is not None for b in biases) and not all(b is not None for b in biases):
+        raise ValueError("siblings must all have a bias or none")
+    bias = None
+    if biases[0] is not None:
+        bias = torch.nn.Parameter(torch.cat([b.data for b in biases]), requires_grad=False)
+    n = int(words.shape[0])
+    fused = _Fused(GemvInt4Linear(words, sz, k, bias, _config(n, k, words.device)), list(sizes))
+    setattr(parent, "fused_" + "_".join(nm.split("_")[0] for nm in names), fused)
+    for i, (nm, size) in enumerate(zip(names, sizes)):
+        setattr(parent, nm, _Part(fused, i, k, size))
+    return fused
