@@ -200,14 +200,16 @@ def test_our_int4_gemv_computes_what_hqq_dequantizes_and_fuses_siblings():
     if why:
         pytest.skip(why)
     torch.manual_seed(0)
-    layers = {}
+    layers, codes = {}, {}
     for in_f, out_f in ((4096, 4096), (4096, 1024), (14336, 4096), (2048, 1000)):
         lin = torch.nn.Linear(in_f, out_f, bias=out_f == 1000).to(torch.bfloat16)
         h = HQQLinear(lin, BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.bfloat16, device="cuda")
-        q, s, z, bias = int4.codes(h)
+        q, s, z, bias = codes[(in_f, out_f)] = int4.codes(h)
         ours = int4_cuda.from_codes(q, s, z, bias)
         layers[(in_f, out_f)] = ours
-        for m in (1, 3, 9, 20):  # one token (the GEMV) and prompts (8 tokens per block, a ragged last block)
+        # one token (the GEMV); short prompts (8 tokens per block, a ragged last block); longer ones (dequantized
+        # in row chunks + cuBLAS)
+        for m in (1, 3, 9, int4_cuda.DEQUANT_MIN_TOKENS + 4, 100):
             x = torch.randn(m, in_f, dtype=torch.bfloat16, device="cuda") * 2
             with torch.inference_mode():
                 ref = x.float() @ h.dequantize().float().T + (0 if bias is None else bias.float())
@@ -220,13 +222,32 @@ def test_our_int4_gemv_computes_what_hqq_dequantizes_and_fuses_siblings():
     x = torch.randn(1, 1, 4096, dtype=torch.bfloat16, device="cuda")
     with torch.inference_mode():
         want = [mod.q_proj(x), mod.k_proj(x), mod.v_proj(x)]
-        assert int4_cuda.fuse_siblings(mod) == 1 and isinstance(mod.q_proj, int4_cuda._Part)
+        int4_cuda.fuse_codes(mod, ("q_proj", "k_proj", "v_proj"), [4096, 1024, 1024],
+                             [codes[(4096, 4096)], codes[(4096, 1024)], codes[(4096, 1024)]])
+        assert isinstance(mod.q_proj, int4_cuda._Part)
         got = [mod.q_proj(x), mod.k_proj(x), mod.v_proj(x)]
         alone = [mod.v_proj(x), mod.k_proj(x)]
         assert mod.fused_q_k_v._out is None  # the last sibling let go of the stacked output
     for a, b in zip(want, got):
         assert torch.equal(a, b)
     assert torch.equal(alone[0], want[2]) and torch.equal(alone[1], want[1])
+
+
+def test_reloading_a_fast_model_reuses_its_streams_and_leaves_no_memory_behind(checkpoint):
+    """PyTorch keeps a cuBLAS workspace per stream it ever ran on: a fast runner's streams come from a pool, so
+    loading, running and unloading a fast model again and again does not grow the process."""
+    streams, after = [], []
+    for _ in range(3):
+        lm = load(checkpoint, _method("bf16-fast"), "cuda")
+        collect(lm, GenerationSettings(max_new_tokens=2))
+        streams.append(lm.fast_runner.stream)
+        backend_of(lm).unload(lm)
+        del lm
+        gc.collect()
+        torch.cuda.empty_cache()
+        after.append(torch.cuda.memory_allocated())
+    assert streams[0] == streams[1] == streams[2]
+    assert after[2] <= after[0] + (1 << 20), after
 
 
 @pytest.mark.parametrize("loaded", ["bf16", "nf4"], indirect=True)

@@ -233,6 +233,8 @@ class Backend(ABC):
         with loaded.lock:
             loaded.model = None
             loaded.tokenizer = None
+            if loaded.fast_runner is not None:
+                loaded.fast_runner.close()
             loaded.fast_runner = None
         release_memory(loaded.device)
 
