@@ -71,31 +71,32 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, G: tl.constexpr, BN: t
                     other=0)
         t = tl.zeros((BN, NGT, SL), dtype=tl.float32)
         xs = tl.zeros((NGT, SL), dtype=tl.float32)
-        if MAGIC:  # the usual trick instead: OR in 2**23's exponent, subtract 2**23 (one more op per code)
+        # MAGIC: the usual trick instead of subnormals -- OR in 2**23's exponent, subtract 2**23 (one more op per code)
+        if MAGIC:
             wh = w >> 12
-            for j in tl.static_range(8):
-                x = tl.load(x_ptr + (g0 + ig)[:, None] * G + j * SL + ii[None, :], mask=mg[:, None], other=0.0)
-                x = x.to(tl.float32)
-                xs += x
+        else:
+            wh = w >> 8
+        for j in tl.static_range(8):
+            x = tl.load(x_ptr + (g0 + ig)[:, None] * G + j * SL + ii[None, :], mask=mg[:, None], other=0.0)
+            x = x.to(tl.float32)
+            xs += x
+            if MAGIC:
                 if j < 5:
                     f = ((w & (0xF << (4 * j))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                     t += f * (x * (2.0 ** (-4 * j)))[None, :, :]
                 else:
                     f = ((wh & (0xF << (4 * j - 12))) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                     t += f * (x * (2.0 ** (12 - 4 * j)))[None, :, :]
-            back = 1.0
-        else:
-            wh = w >> 8
-            for j in tl.static_range(8):
-                x = tl.load(x_ptr + (g0 + ig)[:, None] * G + j * SL + ii[None, :], mask=mg[:, None], other=0.0)
-                x = x.to(tl.float32)
-                xs += x
+            else:
                 if j < 6:
                     f = (w & (0xF << (4 * j))).to(tl.float32, bitcast=True)
                     t += f * (x * (2.0 ** (_E - 4 * j)))[None, :, :]
                 else:
                     f = (wh & (0xF << (4 * j - 8))).to(tl.float32, bitcast=True)
                     t += f * (x * (2.0 ** (_E - 4 * j + 8)))[None, :, :]
+        if MAGIC:
+            back = 1.0
+        else:
             back = _BACK
         m2 = mn[:, None] & mg[None, :]
         s = tl.load(s_ptr + rn[:, None] * NG + (g0 + ig)[None, :], mask=m2, other=0.0).to(tl.float32)
