@@ -147,13 +147,13 @@ class StaticRunner:
         self._copied = torch.cuda.Event() if self.graphed else None  # on CPU the copy is done when copy_ returns
         # On CUDA the runner's work goes to a stream of its own, so that two models' steps (the panes of a
         # comparison) run on the GPU at the same time instead of queueing behind each other; its graph is
-        # captured on a capture stream of its own too (PyTorch keeps a cuBLAS workspace per stream: graphs
-        # captured on one shared stream would share it when replayed side by side).
-        # The pair comes from a pool (_take_streams): PyTorch keeps a cuBLAS workspace (32 MiB on an H200) for
-        # every stream cuBLAS ever ran on and never frees it, so fresh streams per load grew the process by
-        # 96-128 MiB per fast model loaded (measured); pooled, they are reused by the next load.
+        # captured on a capture stream of its own too. PyTorch keeps a cuBLAS workspace (32 MiB on an H200) per
+        # stream cuBLAS ever ran on and never frees it: graphs captured on one shared stream would share it when
+        # replayed side by side, and fresh streams per load grew the process by 96-128 MiB per fast model loaded
+        # (measured). So the pair comes from a pool (_take_streams) and goes back to it (close).
         self.stream, self._capture_stream = _take_streams(device) if self.graphed else (None, None)
         self._device = device
+        self._closed = False
         compiled = self.graphed and compile_wanted()
         self._step_fn = torch.compile(self._forward, dynamic=False) if compiled else self._forward
 
@@ -246,7 +246,7 @@ class StaticRunner:
     def close(self):
         """The runner is dropped (its model unloaded, or a longer runner replaces it): its streams go back to
         the pool. Idempotent."""
-        if self.stream is not None and not getattr(self, "_closed", False):
+        if self.stream is not None and not self._closed:
             self._closed = True
             _give_back_streams(self._device, (self.stream, self._capture_stream))
 
