@@ -8,7 +8,9 @@ config.json (``bench/gpu_engine_check.build_checkpoint``: memory and speed do no
 the embedded model's tokenizer files copied in. Each format is loaded once through the engine
 (``engine.backends.load``), then:
 
-- per context: a prefill of that many random tokens plus 16 decoded tokens through raw ``model.generate``;
+- per context (after the speed runs): a prefill of that many random tokens plus 16 decoded tokens, through raw
+  ``model.generate`` (plain formats) or the engine's static runner sized for that run (fast formats: what a fast
+  run holds is its static cache of ``runtime_spec``'s length, built at load or, for a long run, in its place);
   measured: ``torch.cuda.max_memory_allocated`` over the call (+ what the weights hold) and NVML's process memory,
   against the calculator's prediction for exactly that (model, format, context) (peak without the CUDA overhead;
   total with it). After each context the allocator cache is emptied, so NVML sees that context's own peak.
@@ -64,31 +66,69 @@ def copy_bandwidth(gib: float = 4.0, reps: int = 20) -> float:
 
 
 def context_row(loaded, spec, quant, ctx: int, weights_alloc: int) -> dict:
+    """One context's memory: a prompt of ``ctx`` random tokens + 16 decoded, the way a run of this format does it
+    (plain formats: raw ``model.generate``, a dynamic cache; fast formats: the engine's static runner, prefill +
+    steps, sized for ``ctx`` + 16 like a run's), against the calculator's prediction for what that run holds (for a
+    fast format the static cache's length, ``runtime_spec``: at short contexts the runner built at load, at long
+    ones a longer runner that replaces it)."""
     import torch
 
     from gpu_engine_check import nvml_process_bytes
+    from engine.backends import backend_of
     from engine.memory import estimate
-    from engine.specs import RuntimeSpec
 
-    model = loaded.model
     gc.collect()
     torch.cuda.empty_cache()
+    ids = torch.randint(0, min(spec.vocab_size, 49152), (1, ctx), device=loaded.info.get("input_device", "cuda"))
+    fast = loaded.quant.fast
+    if fast:
+        _drop_runner(loaded)  # what a run holds is measured from the weights alone (the runner is part of it)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    ids = torch.randint(0, min(spec.vocab_size, 49152), (1, ctx), device="cuda")
     with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
-                       do_sample=False, pad_token_id=0)
+        if fast:
+            _fast_run(loaded, ids, 16)
+        else:
+            loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                                  do_sample=False, pad_token_id=0)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base + weights_alloc
     nv = nvml_process_bytes()
-    est = estimate(spec, quant, RuntimeSpec(context=ctx, batch=1, device="cuda"))
+    runtime = backend_of(loaded).runtime_spec(loaded, ctx + 16)
+    est = estimate(spec, quant, runtime)
     pred_peak = est.total_bytes - est.overhead_bytes
     del ids
     return dict(context=ctx, peak_allocated=peak, peak_predicted=pred_peak, peak_err=(pred_peak - peak) / peak,
                 nvml_process=nv, predicted_total=est.total_bytes,
                 nvml_err=None if not nv else (est.total_bytes - nv) / nv, kv_predicted=est.kv_cache_bytes,
-                activations_predicted=est.activations_bytes, overhead_predicted=est.overhead_bytes)
+                kv_context=runtime.context, activations_predicted=est.activations_bytes,
+                overhead_predicted=est.overhead_bytes)
+
+
+def _drop_runner(loaded) -> None:
+    """Let go of a fast model's static runner (its KV cache and captured step), as unloading does."""
+    from engine.backends.base import release_memory
+
+    r, loaded.fast_runner = loaded.fast_runner, None
+    if r is not None:
+        r.close()
+        del r
+    gc.collect()
+    release_memory(loaded.device)
+
+
+def _fast_run(loaded, ids, n: int) -> None:
+    """A fast run's forward passes: the model's runner for this length (built, compiled and captured here if the
+    model has none long enough, as in a run), its prefill and n - 1 graph-replayed steps."""
+    from engine.backends.runners import acquire
+
+    r = acquire(loaded, int(ids.shape[1]), n)
+    try:
+        logits = r.prefill(ids)
+        for _ in range(n - 1):
+            logits = r.step(logits.argmax(dim=-1, keepdim=True))
+    finally:
+        r.release()
 
 
 def estimate_weights(spec, quant) -> int:
@@ -104,6 +144,7 @@ def run_format(preset: str, ckpt: str, fmt: str, contexts: list, tokens: int, re
     from gpu_engine_check import decode_tps, engine_once, raw_fn
     from engine.backends import backend_of, load
     from engine.backends.base import GenerationSettings
+    from engine.backends.runners import warm
     from engine.sources import resolve
 
     spec = resolve(preset)
@@ -117,11 +158,17 @@ def run_format(preset: str, ckpt: str, fmt: str, contexts: list, tokens: int, re
     load_wall = time.perf_counter() - t0
     weights_alloc = torch.cuda.memory_allocated() - base
     quant = loaded.quant
+    if quant.fast:  # the runner built at load is not weights (context_row counts it where a run holds it)
+        runner_at_load = loaded.fast_runner.max_len if loaded.fast_runner is not None else None
+        _drop_runner(loaded)
+        weights_alloc = torch.cuda.memory_allocated() - base
+        if runner_at_load:
+            warm(loaded)  # as at load, for the speed runs
     try:
-        rows = [context_row(loaded, spec, quant, c, weights_alloc) for c in contexts]
         if len(loaded.tokenizer) > spec.vocab_size:
             # The carried tokenizer (SmolLM2's, 49,152 ids) would index past this model's embedding (Mistral:
             # 32,768), a device-side assert that poisons the CUDA context: memory only for such models.
+            rows = [context_row(loaded, spec, quant, c, weights_alloc) for c in contexts]
             return dict(preset=preset, format=loaded.method, backend=loaded.backend,
                         device=torch.cuda.get_device_name(), load_s=round(load_wall, 1), quantize_s=loaded.quantize_s,
                         weights_measured=loaded.weights_bytes, weights_allocated=weights_alloc,
@@ -148,6 +195,8 @@ def run_format(preset: str, ckpt: str, fmt: str, contexts: list, tokens: int, re
         emb_unread = 0 if getattr(loaded.model.config, "tie_word_embeddings", False) else emb.numel() * emb.element_size()
         bytes_per_token = loaded.weights_bytes - emb_unread + kv.kv_cache_bytes
         best = max(eng_med, raw_med)
+        # memory after speed: a long context replaces a fast model's runner by a longer one (slower attention)
+        rows = [context_row(loaded, spec, quant, c, weights_alloc) for c in contexts]
         return dict(preset=preset, format=loaded.method, backend=loaded.backend, device=torch.cuda.get_device_name(),
                     load_s=round(load_wall, 1), quantize_s=loaded.quantize_s,
                     weights_measured=loaded.weights_bytes, weights_allocated=weights_alloc,
@@ -167,14 +216,17 @@ def run_format(preset: str, ckpt: str, fmt: str, contexts: list, tokens: int, re
 def repredict(r: dict) -> dict:
     """The row's predictions (and errors) recomputed with the calculator as it is now: measurements are kept,
     so a results file checks the current constants, not the ones of the day it was measured."""
-    from engine.formats import parse_method
+    from engine.backends import parse_load_method
     from engine.memory import estimate
     from engine.sources import resolve
     from engine.specs import RuntimeSpec
 
-    spec, quant = resolve(r["preset"]), parse_method(r["format"].replace("nf4+dq", "nf4-dq").split("/")[0])
+    name = r["format"].replace("nf4+dq", "nf4-dq")  # e.g. "hqq4/g64 fast": the method and the fast suffix
+    name = name.split("/")[0] + (" fast" if name.endswith(" fast") and "/" in name else "")
+    spec, quant = resolve(r["preset"]), parse_load_method(name)
     for c in r["contexts"]:
-        est = estimate(spec, quant, RuntimeSpec(context=c["context"], batch=1, device="cuda"))
+        # kv_context: the positions the run's cache held (a fast run's static cache; older files: the context)
+        est = estimate(spec, quant, RuntimeSpec(context=c.get("kv_context", c["context"]), batch=1, device="cuda"))
         c["peak_predicted"] = est.total_bytes - est.overhead_bytes
         c["peak_err"] = (c["peak_predicted"] - c["peak_allocated"]) / c["peak_allocated"]
         c["predicted_total"] = est.total_bytes

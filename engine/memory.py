@@ -39,7 +39,15 @@ MAX_CONTEXT = 10_000_000
 MAX_BATCH = 100_000
 # Calibrated runtime terms (bench/gpu_validate.py on an H200, 2026-11-26; see activation_bytes):
 INT8_OUT_BYTES = 4  # LLM.int8's int32 matmul result, per output feature per token
+# Hidden-state rows alive at a prefill's peak (in the MLP of a decoder layer after the first): the embeddings (held
+# by the model's forward for the whole pass), the layer's input (held by the loop over layers), the residual
+# after attention and its normed copy entering the MLP. Seen in the allocator's memory history at the peak of an
+# 8B prefill (H200, bench/results/gpu_peak_snapshot_bf16_8b_h200_2026-11-26e.log: 4 x 64 MiB at 8,192 tokens).
+HIDDEN_ROWS = 4
 HQQ_DEQUANT_BYTES_PER_WEIGHT = 5  # unpacked uint8 codes (1) + a compute-dtype temporary and result (2 + 2)
+# hqq4-fast on CUDA multiplies a prompt on weights dequantized this many bytes of rows at a time (the bf16 buffer
+# engine.backends.int4_cuda reads with cuBLAS; the one definition of that chunk size)
+FAST_INT4_DEQUANT_BYTES = 32 * MiB
 
 
 def _check_positive(name: str, v, limit: int) -> int:
@@ -81,15 +89,19 @@ def kv_cache_bytes(model: ModelSpec, context: int, batch: int, kv_dtype: str, q:
     return total
 
 
-def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, training: TrainingSpec) -> int:
+def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, training: TrainingSpec,
+                     device: str = "cuda") -> int:
     """Estimated activation memory (an estimate from the shapes, not a measurement).
 
     Inference: the transient peak of prefilling ``context`` tokens with SDPA attention (no s^2 score
-    matrix): the residual stream and its normed copy (2H) plus the larger of the attention projections
+    matrix): :data:`HIDDEN_ROWS` hidden-state rows per token (4H: the embeddings, the layer's input, the residual
+    and its normed copy) plus the larger of the attention projections
     (q, k, v and the attention output) and the MLP intermediates (gate, up and their product: 3I, times
     top-k for MoE), in the compute dtype; plus the last position's logits in the compute dtype and fp32
     (``generate`` computes logits for the last token only); plus one dequantized weight for
-    bitsandbytes/HQQ, which materialise a 16-bit copy of the layer they multiply during prefill.
+    bitsandbytes/HQQ, which materialise a 16-bit copy of the layer they multiply during prefill -- except
+    HQQ's fast path (``q.fast``), which on CUDA dequantizes :data:`FAST_INT4_DEQUANT_BYTES` of rows at a time and
+    on ``device`` cpu none (PyTorch's int4 kernel reads the codes).
 
     Training: what backward keeps. Per layer (Korthikanti et al. 2022 counted for a SwiGLU block):
     inputs of both norms, their outputs, q/k/v, attention output and the four MLP intermediates, in 16-bit:
@@ -105,26 +117,37 @@ def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, t
     if training.mode == "inference":
         attn = q_out + 2 * kv_out + q_out
         mlp = 3 * I * k
-        act = bs * (2 * H + max(attn, mlp)) * cb
+        act = bs * (HIDDEN_ROWS * H + max(attn, mlp)) * cb
         logits = batch * model.vocab_size * (cb + 4)
         if q.method not in ("bnb4", "int8", "hqq"):
             return act + logits
+        if q.method == "hqq" and q.fast:
+            # Each projection of a prompt on its own (no stacked sibling outputs: int4_cuda._Fused.part), so the
+            # MLP's 3I peak holds; measured on an H200 (docs/benchmarks.md, issue 8).
+            return act + (FAST_INT4_DEQUANT_BYTES if device == "cuda" else 0) + logits
         layers = [t for t in model.tensors if t.linear and t.layer is not None]
         largest = max((t.numel for t in layers), default=0)
         if q.method == "int8":
-            # LLM.int8 multiplies int8 by int8 into an int32 result, then rescales: per linear, the input
-            # quantised to int8 (1 byte per input feature) and the int32 output (4 bytes per output feature)
-            # live beside the fp16 activations. Fitted on an H200 (docs/benchmarks.md): without this term the
-            # prediction was 4-12% low at 4096-8192 tokens, growing with context.
-            out_f = max((t.shape[-2] for t in layers), default=0)
-            in_f = max((t.shape[-1] for t in layers), default=0)
-            return act + largest * cb + bs * (out_f * INT8_OUT_BYTES + in_f) + logits
+            # LLM.int8 (bitsandbytes) per linear: the input quantised to int8 (1 byte per input feature), an int8 x
+            # int8 matmul into an int32 result (INT8_OUT_BYTES per output feature), rescaled into fp16 (2) and cast
+            # to the compute dtype (cb). At long contexts the peak is the MLP's second projection with the first's
+            # activated output alive (I x cb). At short ones it is the outlier decomposition: input columns above
+            # the threshold (6.0) multiply a dequantised slice of the weight (fp32, then the compute dtype), at
+            # most the whole largest weight -- what random-weight models reach (their hidden states exceed the
+            # threshold in most columns); trained ones have a handful of outlier columns, so this bound is
+            # conservative for them. Both read off the allocator's memory history at the peak of an 8B prefill
+            # (H200, bench/results/gpu_peak_snapshot_int8_8b_h200_2026-11-26e.log).
+            widest = max(layers, key=lambda t: t.shape[-2], default=None)
+            out_f, in_f = (widest.shape[-2], widest.shape[-1]) if widest is not None else (0, 0)
+            mlp8 = bs * (HIDDEN_ROWS * H * cb + out_f * (cb + INT8_OUT_BYTES + 2 + cb) + in_f)
+            outliers = bs * HIDDEN_ROWS * H * cb + largest * (4 + cb)
+            return max(act, mlp8, outliers) + logits
         if q.method == "hqq":
             # HQQ dequantises a layer before its matmul: the packed codes unpacked to one byte per weight, then
             # (W - zero) * scale in the compute dtype (a temporary and the result). At short contexts these
             # ~5 bytes per weight of the largest layer, beside only the residual stream, are the peak; at long
             # ones the activations with one dequantised weight are. Fitted on an H200 (docs/benchmarks.md).
-            return max(act + largest * cb, bs * 2 * H * cb + largest * HQQ_DEQUANT_BYTES_PER_WEIGHT) + logits
+            return max(act + largest * cb, bs * HIDDEN_ROWS * H * cb + largest * HQQ_DEQUANT_BYTES_PER_WEIGHT) + logits
         return act + largest * cb + logits  # bnb4: one dequantised weight
     per_layer = bs * (6 * H + q_out + 2 * kv_out + 4 * I * k) * 2
     if training.gradient_checkpointing:
@@ -201,7 +224,7 @@ def estimate(model: ModelSpec, quant: QuantSpec, runtime: RuntimeSpec = RuntimeS
 
     w_bytes, by_role, quantized = weights_bytes(quant, model)
     kv = kv_cache_bytes(model, context, batch, runtime.kv_dtype, quant) if mode == "inference" else 0
-    act = activation_bytes(model, quant, context, batch, training)
+    act = activation_bytes(model, quant, context, batch, training, runtime.device)
     overhead = runtime.overhead_bytes if runtime.overhead_bytes is not None else OVERHEAD_BYTES[runtime.device]
     grads = opt = trainable = 0
     if mode == "full":

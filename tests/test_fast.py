@@ -176,51 +176,66 @@ def test_stream_events_are_tokens(models):
     assert all(isinstance(e, TokenEvent) for e in evs) and len([e for e in evs if e.token_id is not None]) == 4
 
 
-def _decode(lm, settings, eos=frozenset(), pipelined=False, not_ready=0):
-    """decode_steps on the model's static runner (CPU), pipelined as on CUDA when asked; with ``not_ready``, each
-    pipelined token reports "still on the GPU" that many times first (the run must yield PENDING meanwhile).
-    Returns (ids, steps launched)."""
+def _decode(lm, settings, eos=frozenset(), depth=1, not_ready=0):
+    """decode_steps on the model's static runner (CPU), pipelined as on CUDA when ``depth`` > 1 (that many tokens
+    in flight); with ``not_ready``, each pipelined token reports "still on the GPU" that many times first (the run
+    must yield PENDING meanwhile). Returns (ids, steps launched, most tokens in flight)."""
     from engine.backends.decode import DecodeState, decode_steps
     from engine.compute import PENDING
 
     ids = torch.tensor([backend_of(lm).chat_ids(lm, PROMPT, settings)])
     r = runners.acquire(lm, int(ids.shape[1]), settings.max_new_tokens)
-    launched, polls = [], []
-    step = r.step
-    r.step = lambda tok: launched.append(1) or polls.clear() or step(tok)
+    launched, polls, flight = [], [], [0]
+    step, received = r.step, r.received
+
+    def counting_step(tok):
+        launched.append(1)
+        flight[0] = max(flight[0], r.in_flight())
+        return step(tok)
+
+    def counting_received():
+        flight[0] = max(flight[0], r.in_flight())
+        polls.clear()
+        return received()
+
+    r.step, r.received = counting_step, counting_received
     r.ready = lambda: polls.append(1) or len(polls) > not_ready
-    r.pipelined = pipelined
+    r.depth = depth
     try:
         with torch.inference_mode():
             items = list(decode_steps(r, ids, None, settings, set(eos), DecodeState(),
                                       pending=PENDING if not_ready else None))
     finally:
-        del r.step, r.ready
-        r.pipelined = False
+        del r.step, r.ready, r.received
+        r.depth = 1
         r.release()
     out = [it[0] for it in items if it is not PENDING]
     if not_ready:
-        assert sum(it is PENDING for it in items) == not_ready * (len(launched) if pipelined else 0)
-    return out, len(launched)
+        assert sum(it is PENDING for it in items) == not_ready * (len(out) if depth > 1 else 0)
+    return out, len(launched), flight[0]
 
 
 @pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=12),
                                       GenerationSettings(max_new_tokens=12, temperature=0.8, seed=3)])
 def test_pipelined_decode_gives_the_same_tokens(models, settings):
-    """On CUDA the fast path launches the next step before reading the token (decode_steps): the same tokens
-    (greedy and seeded sampling), no extra step at a length stop, one wasted step at an end of sequence."""
+    """On CUDA the fast path launches the steps that follow a token before reading it (decode_steps, up to
+    ``depth`` tokens in flight): the same tokens (greedy and seeded sampling), no extra step at a length stop,
+    depth - 1 wasted steps at an end of sequence (fewer near the length limit)."""
     lm = models["hqq4-fast"]
-    plain, n_plain = _decode(lm, settings)
-    piped, n_piped = _decode(lm, settings, pipelined=True)
-    waited, n_waited = _decode(lm, settings, pipelined=True, not_ready=2)  # yields PENDING while the GPU works
-    assert piped == plain == waited and len(plain) == 12
-    assert n_plain == n_piped == n_waited == 11
-    stop = plain[4]
-    k = plain.index(stop)
-    plain_eos, n1 = _decode(lm, settings, eos={stop})
-    piped_eos, n2 = _decode(lm, settings, eos={stop}, pipelined=True)
-    assert plain_eos == piped_eos == plain[:k + 1]
-    assert (n1, n2) == (k, k + 1)
+    plain, n_plain, f_plain = _decode(lm, settings)
+    assert len(plain) == 12 and n_plain == 11 and f_plain == 0
+    for depth in (2, 5, runners.PIPELINE_DEPTH):
+        piped, n_piped, f_piped = _decode(lm, settings, depth=depth)
+        waited, n_waited, _ = _decode(lm, settings, depth=depth, not_ready=2)  # PENDING while the GPU works
+        assert piped == plain == waited, depth
+        assert n_piped == n_waited == 11 and f_piped == depth, depth
+        for k in (4, 9):
+            stop = plain[k]
+            k = plain.index(stop)
+            plain_eos, n1, _ = _decode(lm, settings, eos={stop})
+            piped_eos, n2, _ = _decode(lm, settings, eos={stop}, depth=depth)
+            assert plain_eos == piped_eos == plain[:k + 1], depth
+            assert (n1, n2) == (k, min(k + depth - 1, 11)), depth
 
 
 def test_gqa_attention_inside_compile_matches_transformers_sdpa(monkeypatch):
@@ -246,6 +261,39 @@ def test_gqa_attention_inside_compile_matches_transformers_sdpa(monkeypatch):
                            backend="eager", fullgraph=True)(q, k, v, mask)
     assert got.shape == want.shape == (1, 1, 9, 64)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_captured_step_attends_only_its_bucket_of_positions_with_one_compilation():
+    """Inside torch.compile, a step given ``kv_bucket`` (StaticRunner: a graph per bucket of positions) attends the
+    cache's first n positions only (here the rest is NaN and unmasked: it must not be read), and buckets of other
+    lengths reuse the one compilation (the length is the only dynamic size)."""
+    import types
+
+    import transformers.integrations.sdpa_attention as sdpa
+
+    torch.manual_seed(0)
+    for groups in (3, 1):  # grouped heads, and a model without (transformers' SDPA path after the cut)
+        mod = types.SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=False)
+        q = torch.randn(1, 9, 1, 64)
+        k, v = torch.randn(1, 9 // groups, 40, 64), torch.randn(1, 9 // groups, 40, 64)
+        k[:, :, 30:], v[:, :, 30:] = float("nan"), float("nan")
+        mask = torch.ones(1, 1, 1, 40, dtype=torch.bool)  # a mask that would let the NaN in
+        compiled = []
+
+        def backend(gm, _example):
+            compiled.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        step = torch.compile(lambda q, k, v, m, b: runners.gqa_attention(mod, q, k, v, m, scaling=0.125, kv_bucket=b),
+                             backend=backend, fullgraph=True)
+        for n in (26, 30, 17):
+            bucket = torch.empty(n, dtype=torch.uint8)
+            torch._dynamo.mark_dynamic(bucket, 0)
+            got, _ = step(q, k, v, mask, bucket)
+            want, _ = sdpa.sdpa_attention_forward(mod, q, k[:, :, :n], v[:, :, :n], mask[..., :n], scaling=0.125)
+            assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-5), (groups, n)
+        assert len(compiled) == 1, groups
 
 
 # ---- our CUDA int4 GEMV (engine/backends/int4_cuda.py): its layout and arithmetic, checked on CPU; the kernel
@@ -366,7 +414,11 @@ def test_our_gemv_layers_and_fused_siblings_route_rows_right(monkeypatch):
             assert fused.fused_q_k_v is group and isinstance(fused.k_proj, ic._Part)
             assert torch.equal(group.linear.words, torch.cat([getattr(mod, n).words for n in names]))
             assert torch.equal(group.linear.sz, torch.cat([getattr(mod, n).sz for n in names]))
-            in_order = [fused.q_proj(x), fused.k_proj(x), fused.v_proj(x)]
+            in_order = [fused.q_proj(x)]
+            # a decode step computes the siblings' rows at once; a prompt each sibling's own (no stacked output
+            # held while the others are computed and used)
+            assert (fused.fused_q_k_v._out is None) == (tokens >= ic.DEQUANT_MIN_TOKENS), tokens
+            in_order += [fused.k_proj(x), fused.v_proj(x)]
             assert fused.fused_q_k_v._out is None  # the last sibling let go of the stacked output
             alone = [fused.v_proj(x), fused.k_proj(x), fused.q_proj(x)]
             fused.fused_q_k_v._x = fused.fused_q_k_v._out = None
@@ -374,3 +426,27 @@ def test_our_gemv_layers_and_fused_siblings_route_rows_right(monkeypatch):
                 assert torch.equal(a, b)
             for a, b in zip(want[::-1], alone):
                 assert torch.equal(a, b)
+
+
+
+def test_every_runner_of_a_model_knows_it_is_on_our_attention(models):
+    """A model's second runner (a longer run replaced the first, or the first was dropped) finds the model already
+    switched to gqa_attention: it must still cut its steps' attention to their bucket where it compiles."""
+    lm = models["bf16-fast"]
+    assert runners.use_gqa_attention(lm.model) and lm.model.config._attn_implementation == runners.GQA_ATTENTION
+    assert runners.use_gqa_attention(lm.model)  # again: already on it
+
+
+def test_a_step_attends_a_bucket_that_holds_every_position_it_needs(models):
+    """StaticRunner.bucket_len: the step that leaves p positions in the cache (it writes position p - 1) attends
+    the smallest multiple of BUCKET holding them, never more than the cache; all of it when not bucketed (CPU)."""
+    r = runners.acquire(models["bf16-fast"], 10, 2000)
+    try:
+        assert not r.bucketed and r.bucket_len(5) == r.max_len  # no compiled graph on CPU
+        r.bucketed = True
+        b = runners.BUCKET
+        for p, want in ((1, b), (b - 1, b), (b, b), (b + 1, 2 * b), (r.max_len - 1, r.max_len), (r.max_len, r.max_len)):
+            assert r.bucket_len(p) == want, p
+    finally:
+        r.bucketed = False
+        r.release()

@@ -79,18 +79,26 @@ def decode_steps(runner, input_ids, attention_mask, settings: GenerationSettings
     # The fast runner on CUDA works on a stream of its own; picking tokens goes there too (``on_stream``), so
     # that two runs interleaved on this thread keep the GPU busy with both models at once.
     on = getattr(runner, "on_stream", contextlib.nullcontext)
+    pipelined = getattr(runner, "pipelined", False)
     logits = runner.prefill(input_ids, attention_mask)
     with on():
         nxt = pick_token(logits, settings, generator)
+        if pipelined:
+            runner.send(nxt)
+    picked = 1  # tokens picked on the device so far (read or not)
     while True:
-        # Pipelined (fast path on CUDA): the step that follows this token is launched before the host reads the
-        # token, so the GPU works on it while this run streams the token and other runs take their turn. At an
-        # end of sequence that step is wasted (the run is over; the next run's prefill resets the cache).
-        ahead = runner.pipelined and state.tokens + 1 < settings.max_new_tokens
-        if ahead:
+        if pipelined:
+            # Pipelined (fast path on CUDA): the steps that follow are launched before the host reads this token,
+            # up to ``runner.depth`` tokens in flight, so the GPU keeps working while this run streams its tokens
+            # and while the thread serves other runs (another pane's prompt takes tens of ms of Python). At an end
+            # of sequence those steps are wasted (the run is over; the next run's prefill resets the cache).
             with on():
-                runner.send(nxt)
-                logits = runner.step(nxt)
+                while runner.in_flight() < runner.depth and picked < settings.max_new_tokens:
+                    logits = runner.step(nxt)
+                    nxt = pick_token(logits, settings, generator)
+                    runner.send(nxt)
+                    picked += 1
+            logits = None
             if pending is not None:
                 while not runner.ready():
                     yield pending
@@ -113,8 +121,8 @@ def decode_steps(runner, input_ids, attention_mask, settings: GenerationSettings
         if cancel is not None and cancel.is_set():
             state.finish_reason = "cancelled"
             return
-        with on():
-            if not ahead:
+        if not pipelined:
+            with on():
                 logits = runner.step(nxt)
-            nxt = pick_token(logits, settings, generator)
-        del logits
+                nxt = pick_token(logits, settings, generator)
+            logits = None

@@ -46,12 +46,14 @@ from typing import Optional
 
 import torch
 
+from ..memory import FAST_INT4_DEQUANT_BYTES
+
 GROUP = 64
 BLOCK = 1024  # features per warp step: 32 lanes x 4 words x 8 codes
 E = 100  # inputs are pre-scaled by 2^(E - c) per nibble (the CUDA source's constants 0x1p100f .. 0x1p80f)
 # prompts of at least this many tokens: dequantize + cuBLAS, chunks of at most this many bytes (chunk_rows)
 DEQUANT_MIN_TOKENS = 32
-DEQUANT_BYTES = 32 << 20
+DEQUANT_BYTES = FAST_INT4_DEQUANT_BYTES  # the calculator counts this buffer
 # (rows per block, warps per block, prefetch): the launch shapes compiled; the fastest per layer shape is used
 CONFIGS = ((4, 2, 0), (4, 2, 1), (8, 2, 0), (8, 2, 1), (4, 4, 0), (8, 1, 1), (2, 4, 1), (4, 1, 1), (8, 4, 0),
            (2, 2, 1))
@@ -615,9 +617,12 @@ class _Fused(torch.nn.Module):
         self._x, self._out = None, None
 
     def part(self, i: int, x):
-        if i == 0:
+        # A prompt (>= DEQUANT_MIN_TOKENS tokens) computes each sibling's rows on its own: it dequantizes the weights
+        # in row chunks either way, and the stacked output would keep every sibling's result alive until the last
+        # one is used (gate/up: 4 intermediate rows per token at the MLP's peak instead of the plain path's 3).
+        if i == 0 and x.numel() // x.shape[-1] < DEQUANT_MIN_TOKENS:
             self._x, self._out = x, self.linear(x).split(self.sizes, dim=-1)
-        if self._x is not x or self._out is None:  # called alone or out of order: this part's rows only
+        if self._x is not x or self._out is None:  # a prompt, or called alone or out of order: this part's rows
             rows = slice(sum(self.sizes[:i]), sum(self.sizes[:i + 1]))
             lin = self.linear
             return _apply(x, lin.words[rows], lin.sz[rows], None if lin.bias is None else lin.bias[rows], lin.config)

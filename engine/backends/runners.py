@@ -10,10 +10,13 @@ the one-token forward pass captured in a CUDA graph at the first step and replay
 launch per token instead of hundreds). transformers >= 5.24 keeps the write position of a static cache in a
 device tensor (``StaticLayer.cumulative_length``) and derives positions and the mask from it, so the captured
 step advances by itself on replay. The prefill runs eagerly (its length varies). On CPU there is no graph:
-the static cache alone (tests check it gives the plain path's tokens). Two more things make the CUDA step fast:
-one-token attention on the grouped key/value heads without a per-head copy of the cache (:func:`gqa_attention`),
-and pipelining (:meth:`StaticRunner.send`/:meth:`StaticRunner.received`, used by ``decode_steps``): the next step
-is launched before the host reads the token, so the GPU does not wait while Python streams it. Each CUDA runner
+the static cache alone (tests check it gives the plain path's tokens). Three more things make the CUDA step
+fast: attention over the cache's used positions only, rounded up to :data:`BUCKET` (a graph per bucket, captured
+at its first step; one compilation serves them all) instead of all ``max_len``; one-token attention on the
+grouped key/value heads without a per-head copy of the cache (both in :func:`gqa_attention`); and pipelining
+(:meth:`StaticRunner.send`/:meth:`StaticRunner.received`, used by ``decode_steps``): the steps that follow a token
+are launched before the host reads it, up to :data:`PIPELINE_DEPTH` tokens in flight, so the GPU does not wait
+while Python streams, nor while the compute thread runs another pane's prompt. Each CUDA runner
 works on a stream of its own, so the runs of two models (a comparison's panes) share the GPU instead of taking
 turns, and a run whose token is not ready yet lets the others step (``decode_steps``' ``pending``). The streams
 come from a pool and go back to it when the runner is dropped (PyTorch keeps a cuBLAS workspace per stream).
@@ -29,6 +32,8 @@ from typing import Optional
 
 from .base import release_memory
 
+BUCKET = 256  # a CUDA step attends the cache's used positions, rounded up to a multiple of this (a graph each)
+PIPELINE_DEPTH = 8  # tokens in flight on CUDA: steps launched ahead of the host reading their tokens (decode_steps)
 LEN_STEP = 512  # the static cache's length is rounded up to a multiple of this (a graph per length)
 CUDA_MIN_LEN = 2048  # on CUDA the runner built (and compiled, captured) at load holds at least this many positions
 
@@ -63,27 +68,38 @@ GQA_ATTENTION = "quantscope_sdpa"
 
 def gqa_attention(module, query, key, value, attention_mask, *args, **kwargs):
     """transformers' SDPA attention, except for one query token inside ``torch.compile`` (the fast path's captured
-    step), where grouped key/value heads go to SDPA as they are (``enable_gqa=True``). transformers 5.24 copies the
-    key/value cache once per query head there (``repeat_kv``; it avoids the copy only outside compilation): on the
-    static cache of an 8B model (2,048 positions) that took 0.90 ms of each token, against 0.30 ms for this
-    (H200, compiled and graphed, 32 layers; bench/results/gpu_attention_h200_2026-11-26.log). Everything else,
-    the prompt and the plain path included, goes to transformers' own function."""
+    step), where (1) the keys, values and mask are cut to the step's bucket of positions (``kv_bucket``, a tensor
+    whose length is the bucket's: :class:`StaticRunner` captures a graph per bucket), so a step reads the cache's
+    used positions, not all of them; (2) grouped key/value heads go to SDPA as they are (``enable_gqa=True``).
+    transformers 5.24 copies the key/value cache once per query head there (``repeat_kv``; it avoids the copy only
+    outside compilation): on the static cache of an 8B model (2,048 positions) that took 0.90 ms of each token,
+    against 0.30 ms for this (H200, compiled and graphed, 32 layers; bench/results/gpu_attention_h200_2026-11-26.log).
+    Everything else, the prompt and the plain path included, goes to transformers' own function."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (getattr(module, "num_key_value_groups", 1) > 1 and query.shape[2] == 1 and torch.compiler.is_compiling()
-            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-            and key.shape[-1] == value.shape[-1]):
-        scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                               scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
+    bucket = kwargs.pop("kv_bucket", None)
+    if query.shape[2] == 1 and torch.compiler.is_compiling():
+        if bucket is not None:
+            n = bucket.shape[0]
+            key, value = key[:, :, :n], value[:, :, :n]
+            attention_mask = None if attention_mask is None else attention_mask[..., :n]
+        if (getattr(module, "num_key_value_groups", 1) > 1 and kwargs.get("position_bias") is None
+                and kwargs.get("softcap") is None and key.shape[-1] == value.shape[-1]):
+            scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                                   scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 def use_gqa_attention(model) -> bool:
-    """Switch a model on transformers' SDPA attention to :func:`gqa_attention` (registered once)."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    """Switch a model on transformers' SDPA attention to :func:`gqa_attention` (registered once); True when the
+    model is on it (switched now or by an earlier runner)."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl == GQA_ATTENTION:
+        return True
+    if impl != "sdpa":
         return False
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -128,23 +144,26 @@ class StaticRunner:
     def __init__(self, model, max_len: int, device: str):
         import torch
         from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
 
         self.model = model
         self.max_len = int(max_len)
         self.kw = cache_keyword(model)
-        use_gqa_attention(model)
+        gqa = use_gqa_attention(model)
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
         self.graphed = device.startswith("cuda")
         self.tok = torch.zeros((1, 1), dtype=torch.long, device=device)
-        self.graph = None
-        self.out = None
+        self.graphs: dict = {}  # bucket length -> (CUDAGraph, its output), captured at a bucket's first step
+        self._pool = None  # the graphs' shared memory pool (they never run at the same time)
         self.busy = threading.Lock()
         self.pos = 0
-        # On CUDA a run is pipelined: the next step is launched before the host reads the token it follows from
-        # (decode_steps), through a pinned buffer and an event, so the GPU does not wait while Python streams.
-        self.pipelined = self.graphed
-        self._host = torch.empty((1, 1), dtype=torch.long, pin_memory=self.graphed)
-        self._copied = torch.cuda.Event() if self.graphed else None  # on CPU the copy is done when copy_ returns
+        # On CUDA a run is pipelined: up to ``depth`` tokens are in flight -- their steps launched before the host
+        # reads them (decode_steps) through a ring of pinned buffers and events, so the GPU does not wait while
+        # Python streams, nor while the compute thread runs another pane's prompt (tens of ms of eager Python).
+        self.depth = PIPELINE_DEPTH if self.graphed else 1
+        self._host = torch.empty((PIPELINE_DEPTH, 1), dtype=torch.long, pin_memory=self.graphed)
+        self._copied = [torch.cuda.Event() for _ in range(PIPELINE_DEPTH)] if self.graphed else None
+        self._sent = self._got = 0
         # On CUDA the runner's work goes to a stream of its own, so that two models' steps (the panes of a
         # comparison) run on the GPU at the same time instead of queueing behind each other; its graph is
         # captured on a capture stream of its own too. PyTorch keeps a cuBLAS workspace (32 MiB on an H200) per
@@ -155,10 +174,29 @@ class StaticRunner:
         self._device = device
         self._closed = False
         compiled = self.graphed and compile_wanted()
-        self._step_fn = torch.compile(self._forward, dynamic=False) if compiled else self._forward
+        # Attention over the used positions only (a graph per BUCKET positions, gqa_attention cuts the cache to
+        # it): where the step is compiled (the cut needs our attention function) and every layer is a plain
+        # static layer (a sliding-window layer is a ring buffer: its first positions are not the oldest).
+        self.bucketed = compiled and gqa and all(type(layer) is StaticLayer for layer in self.cache.layers)
+        # one compilation for every bucket: the bucket's length is the only dynamic size
+        self._step_fn = torch.compile(self._forward, dynamic=None if self.bucketed else False) if compiled \
+            else self._forward
 
-    def _forward(self, ids):
-        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.kw: self.cache}).logits[:, -1, :]
+    def _forward(self, ids, bucket=None):
+        extra = {} if bucket is None else {"kv_bucket": bucket}
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.kw: self.cache},
+                          **extra).logits[:, -1, :]
+
+    def bucket_len(self, positions: int) -> int:
+        """The attention length of a step that leaves ``positions`` positions in the cache."""
+        if not self.bucketed:
+            return self.max_len
+        return min(self.max_len, -(-positions // BUCKET) * BUCKET)
+
+    @property
+    def graph(self):
+        """The first bucket's captured step (None until the first CUDA step)."""
+        return next(iter(self.graphs.values()))[0] if self.graphs else None
 
     def on_stream(self):
         """A context in which the caller's GPU work goes to this runner's stream (``decode_steps`` picks tokens
@@ -192,6 +230,7 @@ class StaticRunner:
         with self._own_stream():
             self.cache.reset()
             self.pos = int(ids.shape[1])
+            self._sent = self._got = 0
             return self._forward(ids)
 
     def step(self, tok):
@@ -202,46 +241,71 @@ class StaticRunner:
             return self._forward(tok)
         with self._own_stream():
             self.tok.copy_(tok)
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-            return self.out
+            n = self.bucket_len(self.pos)
+            if n not in self.graphs:
+                self.graphs[n] = self._capture(n)
+            graph, out = self.graphs[n]
+            graph.replay()
+            return out
 
-    def _capture(self):
+    def _capture(self, n: int):
         """Run the step once eagerly on a side stream (warm-up: kernels pick their algorithms, the cache's
-        lazily allocated tensors exist), step the cache position back, then capture the same step; the
-        replay right after it performs the step for real."""
+        lazily allocated tensors exist), step the cache position back, then capture the same step for attention
+        over ``n`` positions; the replay right after it performs the step for real."""
         import torch
 
+        bucket = None
+        if self.bucketed:
+            bucket = torch.empty(n, dtype=torch.uint8, device=self.tok.device)
+            torch._dynamo.mark_dynamic(bucket, 0)
         s = self._capture_stream
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            self._step_fn(self.tok)
+            self._step_fn(self.tok, bucket)
             for layer in self.cache.layers:
                 layer.cumulative_length.sub_(1)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         # thread_local: loads and other runs on other threads may allocate while this thread captures
-        with torch.cuda.graph(graph, stream=s, capture_error_mode="thread_local"):
-            self.out = self._step_fn(self.tok)
-        self.graph = graph
+        with torch.cuda.graph(graph, pool=self._pool, stream=s, capture_error_mode="thread_local"):
+            out = self._step_fn(self.tok, bucket)
+        return graph, out
+
+    @property
+    def pipelined(self) -> bool:
+        return self.depth > 1
+
+    def in_flight(self) -> int:
+        """Tokens started by :meth:`send` and not read by :meth:`received` yet."""
+        return self._sent - self._got
 
     def send(self, tok):
-        """Start copying the token tensor ``tok`` to the host (read it with :meth:`received` after launching
-        the next step)."""
+        """Start copying the token tensor ``tok`` to the host (read it with :meth:`received`, oldest first, after
+        launching the steps that follow it); at most ``depth`` at a time."""
+        if self.in_flight() >= self.depth:
+            raise RuntimeError(f"{self.depth} tokens are in flight already")
+        slot = self._sent % PIPELINE_DEPTH
         with self._own_stream():
-            self._host.copy_(tok, non_blocking=self.graphed)
+            self._host[slot].copy_(tok[0], non_blocking=self.graphed)
             if self._copied is not None:
-                self._copied.record()
+                self._copied[slot].record()
+        self._sent += 1
 
     def ready(self) -> bool:
-        """True once the token started by :meth:`send` is on the host (:meth:`received` will not wait)."""
-        return self._copied is None or self._copied.query()
+        """True once the oldest token in flight is on the host (:meth:`received` will not wait)."""
+        return self._copied is None or self._copied[self._got % PIPELINE_DEPTH].query()
 
     def received(self) -> int:
+        """The oldest token in flight (waits for its copy)."""
+        if not self.in_flight():
+            raise RuntimeError("no token in flight")
+        slot = self._got % PIPELINE_DEPTH
         if self._copied is not None:
-            self._copied.synchronize()
-        return int(self._host[0, 0])
+            self._copied[slot].synchronize()
+        self._got += 1
+        return int(self._host[slot, 0])
 
     def close(self):
         """The runner is dropped (its model unloaded, or a longer runner replaces it): its streams go back to
