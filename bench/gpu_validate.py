@@ -159,10 +159,10 @@ def run_format(preset: str, ckpt: str, fmt: str, contexts: list, tokens: int, re
     weights_alloc = torch.cuda.memory_allocated() - base
     quant = loaded.quant
     if quant.fast:  # the runner built at load is not weights (context_row counts it where a run holds it)
-        runner_at_load = loaded.fast_runner.max_len if loaded.fast_runner is not None else None
+        had_runner = loaded.fast_runner is not None
         _drop_runner(loaded)
         weights_alloc = torch.cuda.memory_allocated() - base
-        if runner_at_load:
+        if had_runner:
             warm(loaded)  # as at load, for the speed runs
     try:
         if len(loaded.tokenizer) > spec.vocab_size:

@@ -79,7 +79,7 @@ def decode_steps(runner, input_ids, attention_mask, settings: GenerationSettings
     # The fast runner on CUDA works on a stream of its own; picking tokens goes there too (``on_stream``), so
     # that two runs interleaved on this thread keep the GPU busy with both models at once.
     on = getattr(runner, "on_stream", contextlib.nullcontext)
-    pipelined = getattr(runner, "pipelined", False)
+    pipelined = runner.pipelined
     logits = runner.prefill(input_ids, attention_mask)
     with on():
         nxt = pick_token(logits, settings, generator)

@@ -617,10 +617,10 @@ class _Fused(torch.nn.Module):
         self._x, self._out = None, None
 
     def part(self, i: int, x):
-        # A prompt (>= DEQUANT_MIN_TOKENS tokens) computes each sibling's rows on its own: it dequantizes the weights
-        # in row chunks either way, and the stacked output would keep every sibling's result alive until the last
-        # one is used (gate/up: 4 intermediate rows per token at the MLP's peak instead of the plain path's 3).
-        if i == 0 and x.numel() // x.shape[-1] < DEQUANT_MIN_TOKENS:
+        # A prompt multiplied on dequantized row chunks (chunk_rows > 0) computes each sibling's rows on its own:
+        # stacking saves nothing there, and the stacked output would keep every sibling's result alive until the
+        # last one is used (gate/up: 4 intermediate rows per token at the MLP's peak instead of the plain path's 3).
+        if i == 0 and not chunk_rows(x.numel() // x.shape[-1], x.shape[-1]):
             self._x, self._out = x, self.linear(x).split(self.sizes, dim=-1)
         if self._x is not x or self._out is None:  # a prompt, or called alone or out of order: this part's rows
             rows = slice(sum(self.sizes[:i]), sum(self.sizes[:i + 1]))

@@ -154,7 +154,8 @@ class StaticRunner:
         self.graphed = device.startswith("cuda")
         self.tok = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.graphs: dict = {}  # bucket length -> (CUDAGraph, its output), captured at a bucket's first step
-        self._pool = None  # the graphs' shared memory pool (they never run at the same time)
+        # the graphs' shared memory pool (they never run at the same time)
+        self._pool = torch.cuda.graph_pool_handle() if self.graphed else None
         self.busy = threading.Lock()
         self.pos = 0
         # On CUDA a run is pipelined: up to ``depth`` tokens are in flight -- their steps launched before the host
@@ -266,8 +267,6 @@ class StaticRunner:
                 layer.cumulative_length.sub_(1)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         # thread_local: loads and other runs on other threads may allocate while this thread captures
         with torch.cuda.graph(graph, pool=self._pool, stream=s, capture_error_mode="thread_local"):
             out = self._step_fn(self.tok, bucket)
