@@ -57,6 +57,8 @@ def main() -> int:
     a = ap.parse_args()
     import torch
 
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_peak_snapshot.py needs a CUDA GPU (run it on the device machine); none is visible here.")
     from gpu_engine_check import build_checkpoint
     from engine.backends import load
 

@@ -287,6 +287,8 @@ def main() -> int:
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep the random checkpoints for another run")
     a = ap.parse_args()
     if a.report:
+        if not a.report.is_file():
+            ap.error(f"--report {a.report}: no such file (a .jsonl written by a run, e.g. under bench/results/)")
         return report(a.report, a.chart)
     if a.tokenizer is None:
         ap.error("--tokenizer is required for a run")
@@ -297,6 +299,8 @@ def main() -> int:
 
     from gpu_engine_check import build_checkpoint
 
+    if not torch.cuda.is_available():
+        ap.error("a run needs a CUDA GPU (the device machine); --report FILE works anywhere")
     out_dir = Path(os.environ.get("OUT") or ROOT / "artifacts")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "gpu_validate.jsonl"
