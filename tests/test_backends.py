@@ -291,6 +291,36 @@ def test_unloaded_model_refuses_to_stream():
         next(iter(run(lm, QUESTION, GenerationSettings(max_new_tokens=2))))
 
 
+def test_a_gguf_whose_vocabulary_crashes_llama_cpp_is_refused_and_the_process_goes_on(monkeypatch):
+    """llama.cpp reads a file's vocabulary in a child process before this process loads it: a crash there (here a
+    child made to segfault, as a CUDA build did on the GPU machine) becomes a clear refusal, not a dead server."""
+    pytest.importorskip("llama_cpp")
+    from engine.backends import llamacpp_backend as lb
+    from engine.errors import ModelLoadError
+
+    monkeypatch.setattr(lb, "_vocab_checked", {})
+    monkeypatch.setattr(lb, "_VOCAB_PROBE", "import ctypes; ctypes.string_at(0)")
+    with pytest.raises(ModelLoadError) as ei:
+        load("embedded", "gguf", device="cpu")
+    msg = str(ei.value)
+    assert "crashed (SIGSEGV)" in msg and embedded.gguf_path().name in msg and "Traceback" not in msg
+    monkeypatch.setattr(lb, "_vocab_checked", {})
+    monkeypatch.setattr(lb, "_VOCAB_PROBE", "import sys; sys.exit('this vocabulary is broken')")
+    with pytest.raises(ModelLoadError, match="could not read the vocabulary of .*: this vocabulary is broken"):
+        load("embedded", "gguf", device="cpu")
+    monkeypatch.undo()
+    monkeypatch.setattr(lb, "_vocab_checked", {})
+    lm = load("embedded", "gguf", device="cpu")  # the real check: the file reads, the load goes ahead
+    try:
+        events = list(run(lm, QUESTION, GenerationSettings(max_new_tokens=2)))
+        assert isinstance(events[-1], RunMetrics) and events[-1].tokens >= 1
+        # checked once per file: a second load does not start another child process
+        monkeypatch.setattr(lb.subprocess, "run", lambda *a, **k: pytest.fail("checked the same file twice"))
+        assert lb.vocab_check(embedded.gguf_path()) is None
+    finally:
+        backend_of(lm).unload(lm)
+
+
 # ------------------------------------------------------------------------------------------------
 # The embedded model's files
 # ------------------------------------------------------------------------------------------------

@@ -14,14 +14,24 @@ A ``Llama`` object is not thread-safe: one run at a time per loaded model (other
 
 Measured weights: ``llama_model_size`` -- the bytes of every tensor of the loaded model, which equals the
 file's tensor data.
+
+Before a file is loaded in this process for the first time, a child process (holding PyTorch and numpy, as this
+one does) reads its vocabulary with llama.cpp (:func:`vocab_check`): llama.cpp's C++ can crash the whole process on
+a file -- a CUDA build of llama-cpp-python 0.3.36 on an H200 machine segfaulted in ``llama_vocab::load`` whenever
+PyTorch was in the process (docs/benchmarks.md) -- and a crash would stop the app for every user. A file the child
+cannot read is refused with the reason; the check runs once per file per process (~2-4 s, mostly the imports).
 """
 from __future__ import annotations
 
 import codecs
 import contextlib
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Optional
 
 from ..errors import BackendUnavailableError, GenerationError, InputError, ModelLoadError
@@ -50,6 +60,45 @@ def _quiet_stderr():
                 os.dup2(fd, 2)
     finally:
         os.close(fd)
+
+
+# What the child process runs: the imports this process holds, then llama.cpp reading only the vocabulary.
+_VOCAB_PROBE = ("import sys, numpy, torch, llama_cpp; "
+                "llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)")
+VOCAB_CHECK_TIMEOUT_S = 300
+_vocab_checked: dict[tuple, Optional[str]] = {}
+_vocab_lock = threading.Lock()
+
+
+def vocab_check(path: Path) -> Optional[str]:
+    """None when llama.cpp reads ``path``'s vocabulary in a child process, else why not (a crash or an error).
+    Remembered per file (path, size, modification time) for this process. A child that outlasts
+    :data:`VOCAB_CHECK_TIMEOUT_S` (a machine under heavy load) proves nothing either way: the load goes ahead."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _vocab_lock:
+        if key in _vocab_checked:
+            return _vocab_checked[key]
+        try:
+            r = subprocess.run([sys.executable, "-c", _VOCAB_PROBE, str(path)], capture_output=True, text=True,
+                               timeout=VOCAB_CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return None
+        why = None
+        if r.returncode < 0:
+            try:
+                sig = signal.Signals(-r.returncode).name
+            except ValueError:
+                sig = f"signal {-r.returncode}"
+            why = (f"llama.cpp crashed ({sig}) while reading the vocabulary of {path.name} in a test process, so "
+                   "QuantScope did not load it here (a crash would stop the app for everyone). This llama-cpp-python "
+                   "build fails on this file next to PyTorch: try another GGUF file or another llama-cpp-python build")
+        elif r.returncode:
+            lines = [ln for ln in (r.stderr or "").strip().splitlines() if ln.strip()]
+            last = lines[-1][:300] if lines else f"exit status {r.returncode}"
+            why = f"llama.cpp could not read the vocabulary of {path.name}: {last}"
+        _vocab_checked[key] = why
+        return why
 
 
 def file_type(llm) -> Optional[str]:
@@ -115,6 +164,9 @@ class LlamaCppBackend(Backend):
 
         device = check_device(device)
         files = locate(ref, "gguf")
+        why = vocab_check(files.gguf)
+        if why:
+            raise ModelLoadError(why + ".")
         info: dict = {"n_ctx": self.n_ctx, "file": files.gguf.name}
         n_gpu_layers = 0
         if device.startswith("cuda"):
