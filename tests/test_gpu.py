@@ -306,6 +306,22 @@ def test_cancel_stops_a_gpu_run(loaded):
             assert ev.finish_reason == "cancelled" and 3 <= ev.tokens <= 6
 
 
+def _gguf_for_gpu() -> str:
+    """The GGUF the llama.cpp test loads: ``QS_GPU_GGUF`` (e.g. the random checkpoint converted by
+    ``bench/gpu_llama_cpp.sh``), else the embedded model where its package is installed."""
+    path = os.environ.get("QS_GPU_GGUF", "").strip()
+    if path:
+        assert Path(path).is_file(), f"QS_GPU_GGUF={path} is not a file"
+        return path
+    from engine import embedded
+
+    try:
+        embedded.gguf_path()
+    except Exception as e:  # noqa: BLE001 - the package is absent on the GPU machine
+        pytest.skip(f"no GGUF file here (set QS_GPU_GGUF, see bench/gpu_llama_cpp.sh): {e}")
+    return "embedded"
+
+
 def test_llama_cpp_on_gpu_or_says_why():
     quant = parse_load_method("gguf")
     try:
@@ -317,10 +333,21 @@ def test_llama_cpp_on_gpu_or_says_why():
 
     if not llama_cpp.llama_supports_gpu_offload():
         pytest.skip("llama-cpp-python here is a CPU build (no CUDA offload)")
-    lm = load("embedded", quant, "cuda")
+    source = _gguf_for_gpu()
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    lm = load(source, quant, "cuda")
     try:
-        _, m, _ = collect(lm, GenerationSettings(max_new_tokens=8))
-        assert m.tokens >= 1 and lm.info.get("n_gpu_layers", 0) != 0
+        # every layer offloaded, and the weights really went to the GPU (llama.cpp allocates outside PyTorch, in
+        # this process: the device's free memory drops by at least the weights)
+        assert lm.info.get("n_gpu_layers") == -1 and lm.device.startswith("cuda"), lm.info
+        taken = free_before - torch.cuda.mem_get_info()[0]
+        assert taken >= 0.9 * lm.weights_bytes, (taken, lm.weights_bytes)
+        _, m, _ = collect(lm, GenerationSettings(max_new_tokens=32))
+        assert m.tokens >= 1
+        print(f"llama.cpp on {torch.cuda.get_device_name()}: {lm.info.get('file_type')} {lm.weights_bytes / 2**20:.0f} MiB "
+              f"weights, {taken / 2**20:.0f} MiB taken on the device, {m.tokens} tokens at {m.tokens_per_s or 0:.1f} tok/s; "
+              f"peak {m.peak_kind} {(m.peak_bytes or 0) / 2**20:.0f} MiB, predicted {(m.predicted_bytes or 0) / 2**20:.0f} MiB")
     finally:
         backend_of(lm).unload(lm)
 
