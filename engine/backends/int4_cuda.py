@@ -58,19 +58,28 @@ DEQUANT_BYTES = FAST_INT4_DEQUANT_BYTES  # the calculator counts this buffer
 CONFIGS = ((4, 2, 0), (4, 2, 1), (8, 2, 0), (8, 2, 1), (4, 4, 0), (8, 1, 1), (2, 4, 1), (4, 1, 1), (8, 4, 0),
            (2, 2, 1))
 
-_SRC = r"""
+# Headers and the two load helpers, shared with the tensor-core experiment (bench/gpu_int4_mma.py).
+SRC_HEADER = r"""
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+// 16 bytes of weights read once: not kept in L1
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
+
+__device__ __forceinline__ uint32_t part(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+"""
+
+_SRC = SRC_HEADER + r"""
 
 __device__ __forceinline__ float dot8(uint32_t w, const float* xf) {
   const uint32_t wh = w >> 8;
@@ -102,10 +111,6 @@ __device__ __forceinline__ float prep_x8(const __nv_bfloat16* p, float* xf) {
     xf[2 * i + 1] = v.y * kScale[2 * i + 1];
   }
   return xs;
-}
-
-__device__ __forceinline__ uint32_t part(const uint4& v, int j) {
-  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
 
 // R rows per block; KS warps per block split the row's 1,024-feature steps between them; PF: each warp loads its
