@@ -164,6 +164,7 @@ class LlamaCppBackend(Backend):
 
         device = check_device(device)
         files = locate(ref, "gguf")
+        t0 = time.perf_counter()  # the load time shown includes the first check of the file (the wait a user sees)
         why = vocab_check(files.gguf)
         if why:
             raise ModelLoadError(why + ".")
@@ -176,7 +177,6 @@ class LlamaCppBackend(Backend):
             else:
                 info["offload"] = "this llama_cpp build has no GPU support: running on the CPU"
                 device = "cpu"
-        t0 = time.perf_counter()
         try:
             with _quiet_stderr():
                 llm = isolated(llama_cpp.Llama, model_path=str(files.gguf), n_ctx=self.n_ctx,
