@@ -90,9 +90,10 @@ def vocab_check(path: Path) -> Optional[str]:
                 sig = signal.Signals(-r.returncode).name
             except ValueError:
                 sig = f"signal {-r.returncode}"
-            why = (f"llama.cpp crashed ({sig}) while reading the vocabulary of {path.name} in a test process, so "
-                   "QuantScope did not load it here (a crash would stop the app for everyone). This llama-cpp-python "
-                   "build fails on this file next to PyTorch: try another GGUF file or another llama-cpp-python build")
+            why = (f"llama.cpp crashed ({sig}) while reading the vocabulary of {path.name} in a separate process, "
+                   "so QuantScope did not load it here (a crash would stop the app for everyone). The file may be "
+                   "damaged, or this llama-cpp-python build fails on it next to PyTorch: try another GGUF file or "
+                   "another llama-cpp-python build")
         elif r.returncode:
             lines = [ln for ln in (r.stderr or "").strip().splitlines() if ln.strip()]
             last = lines[-1][:300] if lines else f"exit status {r.returncode}"
