@@ -305,8 +305,8 @@ def test_a_gguf_whose_vocabulary_crashes_llama_cpp_is_refused_and_the_process_go
     msg = str(ei.value)
     assert "crashed (SIGSEGV)" in msg and embedded.gguf_path().name in msg and "Traceback" not in msg
     monkeypatch.setattr(lb, "_vocab_checked", {})
-    monkeypatch.setattr(lb, "_VOCAB_PROBE", "import sys; sys.exit('this vocabulary is broken')")
-    with pytest.raises(ModelLoadError, match="could not read the vocabulary of .*: this vocabulary is broken"):
+    monkeypatch.setattr(lb, "_VOCAB_PROBE", "raise ValueError('this vocabulary is broken')")
+    with pytest.raises(ModelLoadError, match="could not read the vocabulary of .*gguf: this vocabulary is broken"):
         load("embedded", "gguf", device="cpu")
     monkeypatch.undo()
     monkeypatch.setattr(lb, "_vocab_checked", {})

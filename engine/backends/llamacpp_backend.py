@@ -26,6 +26,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,6 +98,7 @@ def vocab_check(path: Path) -> Optional[str]:
         elif r.returncode:
             lines = [ln for ln in (r.stderr or "").strip().splitlines() if ln.strip()]
             last = lines[-1][:300] if lines else f"exit status {r.returncode}"
+            last = re.sub(r"^[A-Za-z_.]*(Error|Exception): ", "", last)  # the child's exception, without its class
             why = f"llama.cpp could not read the vocabulary of {path.name}: {last}"
         _vocab_checked[key] = why
         return why
