@@ -117,7 +117,8 @@ def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, t
     if training.mode == "inference":
         attn = q_out + 2 * kv_out + q_out
         mlp = 3 * I * k
-        act = bs * (HIDDEN_ROWS * H + max(attn, mlp)) * cb
+        hidden = bs * HIDDEN_ROWS * H * cb  # the hidden-state rows alive at the peak, in every case below
+        act = hidden + bs * max(attn, mlp) * cb
         logits = batch * model.vocab_size * (cb + 4)
         if q.method not in ("bnb4", "int8", "hqq"):
             return act + logits
@@ -139,15 +140,15 @@ def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, t
             # (H200, bench/results/gpu_peak_snapshot_int8_8b_h200_2026-11-26e.log).
             widest = max(layers, key=lambda t: t.shape[-2], default=None)
             out_f, in_f = (widest.shape[-2], widest.shape[-1]) if widest is not None else (0, 0)
-            mlp8 = bs * (HIDDEN_ROWS * H * cb + out_f * (cb + INT8_OUT_BYTES + 2 + cb) + in_f)
-            outliers = bs * HIDDEN_ROWS * H * cb + largest * (4 + cb)
+            mlp8 = hidden + bs * (out_f * (cb + INT8_OUT_BYTES + 2 + cb) + in_f)
+            outliers = hidden + largest * (4 + cb)
             return max(act, mlp8, outliers) + logits
         if q.method == "hqq":
             # HQQ dequantises a layer before its matmul: the packed codes unpacked to one byte per weight, then
             # (W - zero) * scale in the compute dtype (a temporary and the result). At short contexts these
             # ~5 bytes per weight of the largest layer, beside only the residual stream, are the peak; at long
             # ones the activations with one dequantised weight are. Fitted on an H200 (docs/benchmarks.md).
-            return max(act + largest * cb, bs * HIDDEN_ROWS * H * cb + largest * HQQ_DEQUANT_BYTES_PER_WEIGHT) + logits
+            return max(act + largest * cb, hidden + largest * HQQ_DEQUANT_BYTES_PER_WEIGHT) + logits
         return act + largest * cb + logits  # bnb4: one dequantised weight
     per_layer = bs * (6 * H + q_out + 2 * kv_out + 4 * I * k) * 2
     if training.gradient_checkpointing:
