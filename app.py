@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import engine  # noqa: F401  first, before Gradio imports numpy (engine.cxx_runtime)
 import gradio as gr
 
 from engine.manager import ModelManager

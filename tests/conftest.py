@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+import engine  # noqa: F401  before any test module imports numpy (engine.cxx_runtime)
+
 # Gradio must not phone home from tests (the network is closed; each attempt only costs time).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -15,11 +15,12 @@ A ``Llama`` object is not thread-safe: one run at a time per loaded model (other
 Measured weights: ``llama_model_size`` -- the bytes of every tensor of the loaded model, which equals the
 file's tensor data.
 
-Before a file is loaded in this process for the first time, a child process (holding PyTorch and numpy, as this
-one does) reads its vocabulary with llama.cpp (:func:`vocab_check`): llama.cpp's C++ can crash the whole process on
-a file -- a CUDA build of llama-cpp-python 0.3.36 on an H200 machine segfaulted in ``llama_vocab::load`` whenever
-PyTorch was in the process (docs/benchmarks.md) -- and a crash would stop the app for every user. A file the child
-cannot read is refused with the reason; the check runs once per file per process (~2-4 s, mostly the imports).
+Before a file is loaded in this process for the first time, a child process (importing the engine, numpy and
+PyTorch, as this one does) reads its vocabulary with llama.cpp (:func:`vocab_check`): llama.cpp's C++ can crash the
+whole process on a file, and a crash would stop the app for every user. A CUDA build of llama-cpp-python 0.3.36 on an
+H200 machine segfaulted in ``llama_vocab::load`` whenever numpy had loaded the C++ runtime first -- fixed by
+:mod:`engine.cxx_runtime`; the check stays as the guard for what is not known yet. A file the child cannot read is
+refused with the reason; the check runs once per file per process (~2-4 s, mostly the imports).
 """
 from __future__ import annotations
 
@@ -64,8 +65,10 @@ def _quiet_stderr():
 
 
 # What the child process runs: the imports this process holds, then llama.cpp reading only the vocabulary.
-_VOCAB_PROBE = ("import sys, numpy, torch, llama_cpp; "
+# ``engine`` first, from this process's copy, as the app imports it (engine.cxx_runtime).
+_VOCAB_PROBE = ("import sys; sys.path.insert(0, sys.argv[2]); import engine, numpy, torch, llama_cpp; "
                 "llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)")
+_ENGINE_PARENT = str(Path(__file__).resolve().parents[2])
 VOCAB_CHECK_TIMEOUT_S = 300
 _vocab_checked: dict[tuple, Optional[str]] = {}
 _vocab_lock = threading.Lock()
@@ -81,8 +84,8 @@ def vocab_check(path: Path) -> Optional[str]:
         if key in _vocab_checked:
             return _vocab_checked[key]
         try:
-            r = subprocess.run([sys.executable, "-c", _VOCAB_PROBE, str(path)], capture_output=True, text=True,
-                               timeout=VOCAB_CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL)
+            r = subprocess.run([sys.executable, "-c", _VOCAB_PROBE, str(path), _ENGINE_PARENT], capture_output=True,
+                               text=True, timeout=VOCAB_CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return None
         why = None
