@@ -13,7 +13,8 @@ from .units import fmt_bytes
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # exit 2 with one clear line, no usage dump
-        self.exit(2, f"error: {message}\nRun 'python -m engine {self.prog.split()[-1]} --help' for the options.\n")
+        # prog: "python -m engine" (unknown options land here too) or "python -m engine estimate"
+        self.exit(2, f"error: {message}\nRun '{self.prog} --help' for the options.\n")
 
 
 def _estimate(args) -> int:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("estimate", help="memory needed by a model in a format")
     e.add_argument("model", nargs="?", default=None,
                    help="preset (e.g. meta-llama/Llama-3.1-8B-Instruct), 'embedded', local config.json/folder, "
-                        "Hub id, or a parameter count like 7B")
+                        "local .gguf file, Hub id, or a parameter count like 7B")
     e.add_argument("--method", default="bf16", help="fp32 fp16 bf16 int8 nf4 fp4 hqq1-8 gptq2/3/4/8 awq4, or a GGUF "
                                                     "type like q4_k_m")
     e.add_argument("--group-size", type=whole_number("--group-size"), default=None)

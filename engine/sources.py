@@ -1,7 +1,8 @@
 """Resolve a model reference to a :class:`ModelSpec`.
 
 A reference is one of: a bundled preset (Hub id, label or file stem, case-insensitive), ``embedded``
-(the offline SmolLM2-135M-Instruct), a local ``config.json`` or model folder, a Hub id (only its
+(the offline SmolLM2-135M-Instruct), a local ``config.json`` or model folder, a local ``.gguf`` file (its header's
+hyperparameters and tensor list: :mod:`engine.gguf_meta`), a Hub id (only its
 ``config.json`` is fetched, through huggingface_hub), or a bare parameter count such as ``7B`` or
 ``350m`` (approximate: the shape is borrowed from the nearest preset).
 """
@@ -14,6 +15,7 @@ import os
 import re
 from pathlib import Path
 
+from . import gguf_meta
 from .architectures import build_model_spec
 from .errors import ConfigError, GatedModelError, InputError, ModelNotFoundError, OfflineError
 from .specs import ModelSpec
@@ -195,6 +197,8 @@ def resolve(ref: str | None) -> ModelSpec:
     if n is not None:
         return from_param_count(n, f"{ref} (approximate)")
     path = Path(ref).expanduser()
+    if path.suffix.lower() == ".gguf" and path_exists(path) and path.is_file():
+        return build_model_spec(gguf_meta.hf_config(path), name=path.name, source="local")
     if ref.startswith((".", "/", "~")) or ref.endswith(".json") or path_exists(path):
         cfg = _local_config(path)
         return build_model_spec(cfg, name=path.name if path.is_dir() else path.parent.name or path.name,
@@ -206,4 +210,5 @@ def resolve(ref: str | None) -> ModelSpec:
             raise ConfigError(f"The config.json of '{ref}' is not valid JSON.") from None
         return build_model_spec(cfg, name=ref, source="hub")
     raise ModelNotFoundError(
-        f"'{ref}' is not a preset, a parameter count (e.g. 7B), a local config.json, or a Hub id (owner/name).")
+        f"'{ref}' is not a preset, a parameter count (e.g. 7B), a local config.json or .gguf file, or a Hub id "
+        "(owner/name).")

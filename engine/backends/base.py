@@ -276,14 +276,15 @@ def locate(ref: str, kind: str) -> ModelFiles:
     if path.is_file() and path.suffix.lower() == ".gguf":
         if kind != "gguf":
             raise InputError(f"'{path.name}' is a GGUF file: load it with method gguf (llama.cpp).")
-        return ModelFiles(ref=ref, gguf=path)
+        return ModelFiles(ref=ref, gguf=path, spec_ref=str(path))  # the calculator reads its header
     if path.is_dir():
         if kind == "gguf":
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) != 1:
                 raise ModelNotFoundError(f"Method gguf needs a .gguf file; '{path.name}' holds {len(ggufs)}. "
                                          "Give the file's path.")
-            return ModelFiles(ref=ref, gguf=ggufs[0], spec_ref=str(path) if (path / "config.json").is_file() else None)
+            return ModelFiles(ref=ref, gguf=ggufs[0],
+                              spec_ref=str(path) if (path / "config.json").is_file() else str(ggufs[0]))
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"'{path.name}' has no config.json, so it is not a transformers model folder.")
         from ..policy import _refuse_remote_code
