@@ -198,7 +198,8 @@ torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::opt
   const int S = std::max<int>({1, (int)std::min<int64_t>(slices, n), (n * G * 4 + 49151) / 49152});
   const int chunk = (n + S - 1) / S;
   auto out = torch::empty_like(q);
-#define CASE(DD, GG) if (D == DD && G == GG) { run<DD, GG>(q, k, v, mp, n, scale, counters, out, KVH, S, chunk); return out; }
+#define CASE(DD, GG) \
+  if (D == DD && G == GG) { run<DD, GG>(q, k, v, mp, n, scale, counters, out, KVH, S, chunk); return out; }
   CASE(128, 1) CASE(128, 2) CASE(128, 3) CASE(128, 4) CASE(128, 5) CASE(128, 6) CASE(128, 7) CASE(128, 8)
   CASE(64, 1) CASE(64, 2) CASE(64, 3) CASE(64, 4) CASE(64, 5) CASE(64, 6) CASE(64, 7) CASE(64, 8)
 #undef CASE
@@ -318,7 +319,8 @@ def main() -> int:
     major, minor = torch.cuda.get_device_capability()
     ext = cpp_extension.load_inline(name="quantscope_decode_attention", cpp_sources=CPP, cuda_sources=SRC,
                                     functions=["attend"], verbose=False,
-                                    extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
+                                    extra_cuda_cflags=["-O3",
+                                                       f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}, {sms} SMs, torch {torch.__version__}\n")
     counters = torch.zeros(64, dtype=torch.int32, device="cuda")

@@ -25,7 +25,8 @@ def test_the_embedded_gguf_gives_the_shape_its_config_gives():
 def test_the_header_lists_the_tensors_the_gguf_package_reads():
     """An independent reader (the gguf package's, which reads the whole file) sees the same tensors and shapes."""
     header = gguf_meta.read_header(embedded.gguf_path())
-    theirs = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in gguf.GGUFReader(str(embedded.gguf_path())).tensors}
+    reader = gguf.GGUFReader(str(embedded.gguf_path()))
+    theirs = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
     assert header.tensors == theirs and len(theirs) == 272
     assert header.metadata["general.architecture"] == "llama"
     assert header.metadata["tokenizer.ggml.tokens"].count == 49152  # counted, not decoded
@@ -62,7 +63,8 @@ def test_a_mixture_of_experts_file_written_as_llama_is_read_as_mixtral(tmp_path)
     (lambda p: p.write_text("not a model"), "is not a GGUF file"),
     (lambda p: p.write_bytes(embedded.gguf_path().read_bytes()[:50_000]), "cut short or damaged"),
     (lambda p: _write(p, "rwkv6", {}, {}), "is a rwkv6 model; the calculator reads GGUF files of"),
-    (lambda p: _write(p, "llama", {"llama.block_count": 2}, {}), r"lacks llama\.attention\.head_count, so its shape is unknown"),
+    (lambda p: _write(p, "llama", {"llama.block_count": 2}, {}),
+     r"lacks llama\.attention\.head_count, so its shape is unknown"),
 ])
 def test_a_gguf_the_calculator_cannot_read_gets_a_message(tmp_path, make, message):
     p = tmp_path / "x.gguf"
