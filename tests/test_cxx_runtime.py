@@ -53,3 +53,19 @@ def test_sharing_after_numpy_says_it_came_too_late():
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "False"
+
+
+def test_the_vocabulary_check_runs_in_this_process_order_and_says_what_to_do(monkeypatch):
+    """The llama.cpp backend's child check mirrors the parent: a process that imported numpy before the engine
+    (a script using the engine as a library) checks in that order, and a crash there names the cause."""
+    from engine import cxx_runtime, embedded
+    from engine.backends import llamacpp_backend as lb
+
+    monkeypatch.setattr(cxx_runtime, "shared_early", True)
+    assert "import engine, numpy, torch, llama_cpp;" in lb.vocab_probe()
+    monkeypatch.setattr(cxx_runtime, "shared_early", False)
+    assert "import numpy, torch, engine, llama_cpp;" in lb.vocab_probe()
+    monkeypatch.setattr(lb, "_vocab_checked", {})
+    monkeypatch.setattr(lb, "_VOCAB_PROBE", "import ctypes; ctypes.string_at(0)")  # a child that segfaults
+    why = lb.vocab_check(embedded.gguf_path())
+    assert why.startswith("llama.cpp crashed (SIGSEGV)") and why.endswith("import engine first")

@@ -64,11 +64,21 @@ def _quiet_stderr():
         os.close(fd)
 
 
-# What the child process runs: the imports this process holds, then llama.cpp reading only the vocabulary.
-# ``engine`` first, from this process's copy, as the app imports it (engine.cxx_runtime).
-_VOCAB_PROBE = ("import sys; sys.path.insert(0, sys.argv[2]); import engine, numpy, torch, llama_cpp; "
+# What the child process runs: the imports this process holds, in the order that matters here (engine.cxx_runtime:
+# ``engine`` before numpy, as the app does, or after it, as a script that imported numpy first did), then llama.cpp
+# reading only the vocabulary. ``engine`` from this process's copy.
+_VOCAB_PROBE = ("import sys; sys.path.insert(0, sys.argv[2]); {imports}; "
                 "llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)")
 _ENGINE_PARENT = str(Path(__file__).resolve().parents[2])
+
+
+def vocab_probe() -> str:
+    """The child's program, with this process's import order."""
+    from .. import cxx_runtime
+
+    early = cxx_runtime.shared_early or not sys.platform.startswith("linux")
+    return _VOCAB_PROBE.format(imports="import engine, numpy, torch, llama_cpp" if early
+                               else "import numpy, torch, engine, llama_cpp")
 VOCAB_CHECK_TIMEOUT_S = 300
 _vocab_checked: dict[tuple, Optional[str]] = {}
 _vocab_lock = threading.Lock()
@@ -84,7 +94,7 @@ def vocab_check(path: Path) -> Optional[str]:
         if key in _vocab_checked:
             return _vocab_checked[key]
         try:
-            r = subprocess.run([sys.executable, "-c", _VOCAB_PROBE, str(path), _ENGINE_PARENT], capture_output=True,
+            r = subprocess.run([sys.executable, "-c", vocab_probe(), str(path), _ENGINE_PARENT], capture_output=True,
                                text=True, timeout=VOCAB_CHECK_TIMEOUT_S, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
             return None
@@ -98,6 +108,11 @@ def vocab_check(path: Path) -> Optional[str]:
                    "so QuantScope did not load it here (a crash would stop the app for everyone). The file may be "
                    "damaged, or this llama-cpp-python build fails on it next to PyTorch: try another GGUF file or "
                    "another llama-cpp-python build")
+            from .. import cxx_runtime
+
+            if not cxx_runtime.shared_early and sys.platform.startswith("linux"):
+                why += (". This process imported numpy before QuantScope's engine, which is known to make llama.cpp "
+                        "crash (engine/cxx_runtime.py): import engine first")
         elif r.returncode:
             lines = [ln for ln in (r.stderr or "").strip().splitlines() if ln.strip()]
             last = lines[-1][:300] if lines else f"exit status {r.returncode}"
