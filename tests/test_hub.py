@@ -95,6 +95,9 @@ def test_hub_gguf_repo_picks_one_file(hub, tmp_path):
                     "--max-new-tokens", "12", "--json")
     assert local.returncode == 0, local.stderr[-2000:]
     assert json.loads(p.stdout)["text"] == json.loads(local.stdout)["text"]  # the same file, greedy
+    # predicted from the file's header in both cases (a GGUF repository often has no config.json)
+    predicted = [json.loads(x.stdout)["predicted_weights_bytes"] for x in (p, local)]
+    assert predicted[0] and predicted[0] == predicted[1]
     assert hub.served("tiny.Q4_1.gguf") and not hub.served("copy.gguf")
     r = _engine(hub, tmp_path, "--model", "qs-test/tiny-gguf:Q8_0", "--method", "gguf", timeout=120)
     assert r.returncode == 2 and "matches 'Q8_0'" in r.stderr, r.stderr

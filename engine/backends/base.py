@@ -302,7 +302,8 @@ def locate(ref: str, kind: str) -> ModelFiles:
         local = hub.hf_model(ref)
         return ModelFiles(ref=ref, hf_dir=local, spec_ref=str(local))
     if hub_gguf and kind == "gguf":
-        return ModelFiles(ref=ref, gguf=hub.gguf_file(ref))
+        gguf = hub.gguf_file(ref)
+        return ModelFiles(ref=ref, gguf=gguf, spec_ref=str(gguf))  # the calculator reads its header
     raise ModelNotFoundError(f"'{ref}' is not 'embedded', a local model folder, a .gguf file or a Hub id "
                              "(owner/name; owner/name:FILE for a GGUF repository).")
 
