@@ -26,10 +26,11 @@ t0=$(date +%s)
 rm -rf /tmp/qs-lcp && mkdir -p /tmp/qs-lcp/src /tmp/qs-lcp/wheel
 tar xzf "$SDIST" -C /tmp/qs-lcp/src
 SRC=$(ls -d /tmp/qs-lcp/src/*/)
-# llama.cpp's converter loads tokenizers with trust_remote_code=True; QuantScope never runs a model's own code, so the
+# llama.cpp's converter loads tokenizers with remote code enabled; QuantScope never runs a model's own code, so the
 # vendored copy is switched off before it runs (a plain Llama checkpoint needs none), and the run stops if any is left.
-grep -rl "trust_remote_code=True" "$SRC/vendor/llama.cpp" --include=*.py | xargs -r sed -i 's/trust_remote_code=True/trust_remote_code=False/g'
-if grep -rq "trust_remote_code=True" "$SRC/vendor/llama.cpp" --include=*.py; then echo "trust_remote_code=True left in the converter"; exit 1; fi
+REMOTE='\(trust_remote_code\)[[:space:]]*=[[:space:]]*True'
+grep -rl "$REMOTE" "$SRC/vendor/llama.cpp" --include=*.py | xargs -r sed -i "s/$REMOTE/\1=False/g"
+if grep -rq "$REMOTE" "$SRC/vendor/llama.cpp" --include=*.py; then echo "remote code still enabled in the converter"; exit 1; fi
 ( cd "$SRC" && CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${ARCH}-real -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DLLAVA_BUILD=OFF" \
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip wheel . --no-build-isolation --no-deps -w /tmp/qs-lcp/wheel \
   > "$OUT/build.log" 2>&1 ) || { tail -40 "$OUT/build.log"; exit 1; }
