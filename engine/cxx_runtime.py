@@ -34,3 +34,8 @@ def share() -> bool:
         return False
     shared_early = shared_early or early
     return shared_early
+
+
+def late() -> bool:
+    """True on Linux when numpy was imported before :func:`share` ran (the hazard is then in place)."""
+    return sys.platform.startswith("linux") and not shared_early

@@ -42,8 +42,8 @@ class Header:
 
 
 class _Cursor:
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
+    def __init__(self, data, pos: int = 0):
+        self.data, self.pos = data, pos
 
     def take(self, fmt: str):
         size = struct.calcsize("<" + fmt)
@@ -98,10 +98,8 @@ def read_header(path: Path) -> Header:
 
 
 def _parse(data, name: str) -> Header:
-    if data[:4] != MAGIC:
-        raise ConfigError(f"'{name}' is not a GGUF file (it does not start with GGUF).")
-    c = _Cursor(data)
-    c.pos = 4
+    """The header after the magic (checked by :func:`read_header`)."""
+    c = _Cursor(data, pos=len(MAGIC))
     try:
         version = c.take("I")
         if version not in (2, 3):

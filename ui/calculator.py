@@ -131,7 +131,8 @@ def build_tab(services=None) -> None:
     with gr.Row():
         with gr.Column(scale=1, min_width=320):
             model = gr.Dropdown(preset_choices(), value=D.model, label="Model", allow_custom_value=True,
-                                info="A preset, a Hub id (owner/name), a local config.json or .gguf file, or a parameter count like 7B")
+                                info="A preset, a Hub id (owner/name), a local config.json or .gguf file, or a "
+                                     "parameter count like 7B")
             method = gr.Dropdown(METHOD_CHOICES, value=D.method, label="Format", allow_custom_value=True)
             with gr.Row():
                 group_size = gr.Number(0, label="Group size (0 = default)", step=1)

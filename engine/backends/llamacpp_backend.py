@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .. import cxx_runtime
 from ..errors import BackendUnavailableError, GenerationError, InputError, ModelLoadError
 from ..specs import QuantSpec, RuntimeSpec
 from ..compute import isolated, scheduler
@@ -74,11 +75,10 @@ _ENGINE_PARENT = str(Path(__file__).resolve().parents[2])
 
 def vocab_probe() -> str:
     """The child's program, with this process's import order."""
-    from .. import cxx_runtime
+    return _VOCAB_PROBE.format(imports="import numpy, torch, engine, llama_cpp" if cxx_runtime.late()
+                               else "import engine, numpy, torch, llama_cpp")
 
-    early = cxx_runtime.shared_early or not sys.platform.startswith("linux")
-    return _VOCAB_PROBE.format(imports="import engine, numpy, torch, llama_cpp" if early
-                               else "import numpy, torch, engine, llama_cpp")
+
 VOCAB_CHECK_TIMEOUT_S = 300
 _vocab_checked: dict[tuple, Optional[str]] = {}
 _vocab_lock = threading.Lock()
@@ -108,9 +108,7 @@ def vocab_check(path: Path) -> Optional[str]:
                    "so QuantScope did not load it here (a crash would stop the app for everyone). The file may be "
                    "damaged, or this llama-cpp-python build fails on it next to PyTorch: try another GGUF file or "
                    "another llama-cpp-python build")
-            from .. import cxx_runtime
-
-            if not cxx_runtime.shared_early and sys.platform.startswith("linux"):
+            if cxx_runtime.late():
                 why += (". This process imported numpy before QuantScope's engine, which is known to make llama.cpp "
                         "crash (engine/cxx_runtime.py): import engine first")
         elif r.returncode:
