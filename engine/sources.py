@@ -197,7 +197,9 @@ def resolve(ref: str | None) -> ModelSpec:
     if n is not None:
         return from_param_count(n, f"{ref} (approximate)")
     path = Path(ref).expanduser()
-    if path.suffix.lower() == ".gguf" and path_exists(path) and path.is_file():
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        if not path_exists(path):
+            raise ModelNotFoundError(f"No file at '{path.name}'. Check the path of the .gguf file.")
         return build_model_spec(gguf_meta.hf_config(path), name=path.name, source="local")
     if ref.startswith((".", "/", "~")) or ref.endswith(".json") or path_exists(path):
         cfg = _local_config(path)

@@ -73,6 +73,13 @@ def test_a_gguf_the_calculator_cannot_read_gets_a_message(tmp_path, make, messag
         resolve(str(p))
 
 
+def test_a_missing_gguf_file_is_named_as_missing(tmp_path):
+    from engine.errors import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match=r"No file at 'nope\.gguf'\. Check the path of the \.gguf file\."):
+        resolve(str(tmp_path / "nope.gguf"))
+
+
 def test_a_bare_gguf_file_gets_a_prediction_when_it_runs(tmp_path):
     """Loaded by its path (no config.json beside it), a GGUF's run is still compared with the calculator."""
     from engine.backends import backend_of, load
