@@ -153,7 +153,7 @@ def _raw_fast(loaded, ids, n: int):
             with torch.inference_mode():
                 logits = r.prefill(ids)
                 for i in range(n):
-                    nxt = logits.argmax(dim=-1, keepdim=True)
+                    nxt = r.greedy(logits)
                     out.append(int(nxt.item()))
                     times.append(time.perf_counter())
                     if i + 1 < n:
@@ -277,7 +277,7 @@ def main() -> int:
             print(f"{r['format']:8} done in {r['wall_s']:.0f} s: engine {r['tps_engine_runs']} raw "
                   f"{[round(x, 2) for x in r['tps_raw_runs']]} runs {r['engine_runs']} {r['info']}", flush=True)
     print(f"\n| format | load s | TTFT engine / raw ms | decode tok/s engine / raw | ratio | weights meas / pred MiB "
-          f"| peak load / run / pred MiB | NVML / pred MiB |")
+          "| peak load / run / pred MiB | NVML / pred MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

@@ -450,3 +450,56 @@ def test_a_step_attends_a_bucket_that_holds_every_position_it_needs(models):
     finally:
         r.bucketed = False
         r.release()
+
+
+def test_the_static_cache_keeps_one_position_counter_advanced_once_per_forward(models):
+    """StaticRunner shares one position counter between the cache's layers and advances it once per forward pass
+    (transformers bumps one per layer: a kernel each in the captured step). The positions it writes are
+    transformers' own: the keys each layer holds after a prefill and steps equal those of transformers'
+    StaticCache driven by the same tokens, and nothing is written past the counter."""
+    from transformers import StaticCache
+
+    lm = models["bf16-fast"]
+    ids = torch.tensor([[1, 510, 3172, 282, 4649, 314]])
+    r = runners.acquire(lm, int(ids.shape[1]), 8)
+    try:
+        with torch.inference_mode():
+            logits = r.prefill(ids)
+            toks = []
+            for _ in range(3):
+                toks.append(r.greedy(logits))
+                logits = r.step(toks[-1])
+        layers = r.cache.layers
+        assert all(layer.cumulative_length is r.counter for layer in layers)
+        assert int(r.counter) == ids.shape[1] + 3 == r.pos
+
+        ref = StaticCache(config=lm.model.config, max_cache_len=r.max_len)
+        with torch.inference_mode():
+            want = lm.model(input_ids=ids, cache=ref, use_cache=True).logits[:, -1, :]
+            for t in toks:
+                want = lm.model(input_ids=t, cache=ref, use_cache=True).logits[:, -1, :]
+        assert [int(c.cumulative_length) for c in ref.layers] == [r.pos] * len(layers)  # 1 counter bumped per layer
+        for ours, theirs in zip(layers, ref.layers):
+            assert torch.equal(ours.keys[:, :, :r.pos], theirs.keys[:, :, :r.pos])
+            assert torch.equal(ours.values[:, :, :r.pos], theirs.values[:, :, :r.pos])
+            assert not ours.keys[:, :, r.pos:].any()
+        assert torch.equal(logits, want)
+    finally:
+        r.release()
+
+
+@pytest.mark.parametrize("vocab", [5, 1024, 1025, 49152, 128256])
+def test_chunked_argmax_is_argmax_ties_included(vocab):
+    """The captured step's argmax in two rounds gives torch.argmax's index: the first of equal largest values,
+    also when they sit in different chunks, at a chunk's edges, or in the padded last chunk."""
+    g = torch.Generator().manual_seed(vocab)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(3, vocab, generator=g).to(dtype)
+        x[1] = x[1].round()  # bf16 / integer values: many ties
+        top = x[2].max()
+        for i in sorted({vocab - 1, vocab // 2, min(1023, vocab - 1), 0}, reverse=True):
+            x[2, i] = top + 1  # ties across chunks: the first must win
+        got = runners.chunked_argmax(x)
+        assert got.shape == (3, 1) and got.dtype == torch.long
+        assert torch.equal(got, x.argmax(dim=-1, keepdim=True)), (vocab, dtype)
+    assert int(runners.chunked_argmax(torch.zeros(1, vocab))) == 0

@@ -80,9 +80,14 @@ def decode_steps(runner, input_ids, attention_mask, settings: GenerationSettings
     # that two runs interleaved on this thread keep the GPU busy with both models at once.
     on = getattr(runner, "on_stream", contextlib.nullcontext)
     pipelined = runner.pipelined
+    greedy = getattr(runner, "greedy", None) if settings.greedy else None  # the fast step's own argmax
+
+    def pick(logits):
+        return greedy(logits) if greedy is not None else pick_token(logits, settings, generator)
+
     logits = runner.prefill(input_ids, attention_mask)
     with on():
-        nxt = pick_token(logits, settings, generator)
+        nxt = pick(logits)
         if pipelined:
             runner.send(nxt)
     picked = 1  # tokens picked on the device so far (read or not)
@@ -95,7 +100,7 @@ def decode_steps(runner, input_ids, attention_mask, settings: GenerationSettings
             with on():
                 while runner.in_flight() < runner.depth and picked < settings.max_new_tokens:
                     logits = runner.step(nxt)
-                    nxt = pick_token(logits, settings, generator)
+                    nxt = pick(logits)
                     runner.send(nxt)
                     picked += 1
             logits = None
@@ -124,5 +129,5 @@ def decode_steps(runner, input_ids, attention_mask, settings: GenerationSettings
         if not pipelined:
             with on():
                 logits = runner.step(nxt)
-                nxt = pick_token(logits, settings, generator)
+                nxt = pick(logits)
             logits = None

@@ -10,10 +10,12 @@ the one-token forward pass captured in a CUDA graph at the first step and replay
 launch per token instead of hundreds). transformers >= 5.24 keeps the write position of a static cache in a
 device tensor (``StaticLayer.cumulative_length``) and derives positions and the mask from it, so the captured
 step advances by itself on replay. The prefill runs eagerly (its length varies). On CPU there is no graph:
-the static cache alone (tests check it gives the plain path's tokens). Three more things make the CUDA step
+the static cache alone (tests check it gives the plain path's tokens). More things make the CUDA step
 fast: attention over the cache's used positions only, rounded up to :data:`BUCKET` (a graph per bucket, captured
 at its first step; one compilation serves them all) instead of all ``max_len``; one-token attention on the
-grouped key/value heads without a per-head copy of the cache (both in :func:`gqa_attention`); and pipelining
+grouped key/value heads without a per-head copy of the cache (both in :func:`gqa_attention`); one position counter
+for all the cache's layers, advanced once per step (:func:`_one_counter_layer`); the greedy token computed in the
+graph (:func:`chunked_argmax`); inductor's combo kernels (independent small kernels in one launch); and pipelining
 (:meth:`StaticRunner.send`/:meth:`StaticRunner.received`, used by ``decode_steps``): the steps that follow a token
 are launched before the host reads it, up to :data:`PIPELINE_DEPTH` tokens in flight, so the GPU does not wait
 while Python streams, nor while the compute thread runs another pane's prompt. Each CUDA runner
@@ -138,6 +140,45 @@ class DynamicRunner:
         self.cache = self.mask = None
 
 
+ARGMAX_CHUNK = 1024
+
+
+def chunked_argmax(logits):
+    """``logits.argmax(dim=-1, keepdim=True)`` for [batch, vocab] logits, in two rounds: the first largest value of
+    each chunk of :data:`ARGMAX_CHUNK` entries, then the first chunk holding the largest -- the same index as one
+    argmax, ties included. Over a 128k vocabulary on an H200 one argmax is a single long reduction (35 µs eager,
+    28 µs compiled into the step); the chunks' argmaxes run in parallel (bench/results/
+    gpu_trace_hqq4fast_8b_h200_2026-11-26h.log)."""
+    import torch
+
+    pad = -logits.shape[-1] % ARGMAX_CHUNK
+    x = torch.nn.functional.pad(logits, (0, pad), value=float("-inf")).view(logits.shape[0], -1, ARGMAX_CHUNK)
+    inner = x.argmax(dim=-1)  # [batch, chunks]
+    best = x.gather(-1, inner.unsqueeze(-1)).squeeze(-1)
+    chunk = best.argmax(dim=-1, keepdim=True)
+    return chunk * ARGMAX_CHUNK + inner.gather(-1, chunk)
+
+
+def _one_counter_layer():
+    """transformers' ``StaticLayer`` without the per-layer position update: every layer of a cache shares one
+    position counter, which :class:`StaticRunner` advances once per forward pass. With a counter per layer, each
+    layer's ``update`` bumps its own, and the captured step of an 8B model ends in 32 one-element kernels
+    (~1.1 µs each plus the gap before it; bench/results/gpu_trace_hqq4fast_8b_h200_2026-11-26h.log)."""
+    import torch
+    from transformers.cache_utils import StaticLayer
+
+    class OneCounterLayer(StaticLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            position = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
+            self.keys.index_copy_(2, position, key_states)
+            self.values.index_copy_(2, position, value_states)
+            return self.keys, self.values
+
+    return OneCounterLayer
+
+
 class StaticRunner:
     """The fast path: a static KV cache of ``max_len`` positions and, on CUDA, a CUDA-graph decode step."""
 
@@ -151,6 +192,14 @@ class StaticRunner:
         self.kw = cache_keyword(model)
         gqa = use_gqa_attention(model)
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_len)
+        # one position counter for the cache (_one_counter_layer), where every layer is a plain static layer
+        self.counter = None
+        if all(type(layer) is StaticLayer for layer in self.cache.layers):
+            self.counter = torch.zeros((), dtype=torch.long, device=device)
+            cls = _one_counter_layer()
+            for layer in self.cache.layers:
+                layer.__class__ = cls
+                layer.cumulative_length = self.counter  # lazy_initialization's .to(device) keeps this tensor
         self.graphed = device.startswith("cuda")
         self.tok = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.graphs: dict = {}  # bucket length -> (CUDAGraph, its output), captured at a bucket's first step
@@ -178,15 +227,27 @@ class StaticRunner:
         # Attention over the used positions only (a graph per BUCKET positions, gqa_attention cuts the cache to
         # it): where the step is compiled (the cut needs our attention function) and every layer is a plain
         # static layer (a sliding-window layer is a ring buffer: its first positions are not the oldest).
-        self.bucketed = compiled and gqa and all(type(layer) is StaticLayer for layer in self.cache.layers)
-        # one compilation for every bucket: the bucket's length is the only dynamic size
-        self._step_fn = torch.compile(self._forward, dynamic=None if self.bucketed else False) if compiled \
-            else self._forward
+        self.bucketed = compiled and gqa and self.counter is not None
+        # one compilation for every bucket: the bucket's length is the only dynamic size. Inductor's combo kernels
+        # put independent small kernels into one launch (a layer's RoPE of q and k, its two cache writes and the
+        # mask: one kernel instead of four): 8B hqq4 fast 2.80 -> 2.69 ms per token on an H200, logits as close to
+        # the eager plain path's as without (bench/results/gpu_combo_kernels_h200_2026-11-26h.log)
+        self._step_fn = torch.compile(self._graph_step, dynamic=None if self.bucketed else False,
+                                      options={"combo_kernels": True}) if compiled else self._graph_step
+        self._last = None  # the last captured step's outputs: (logits, their argmax)
 
     def _forward(self, ids, bucket=None):
         extra = {} if bucket is None else {"kv_bucket": bucket}
-        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.kw: self.cache},
-                          **extra).logits[:, -1, :]
+        logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.kw: self.cache},
+                            **extra).logits[:, -1, :]
+        if self.counter is not None:
+            self.counter.add_(ids.shape[1])
+        return logits
+
+    def _graph_step(self, ids, bucket=None):
+        """The captured step: the logits and their argmax (:func:`chunked_argmax`)."""
+        logits = self._forward(ids, bucket)
+        return logits, chunked_argmax(logits)
 
     def bucket_len(self, positions: int) -> int:
         """The attention length of a step that leaves ``positions`` positions in the cache."""
@@ -230,6 +291,7 @@ class StaticRunner:
             raise ValueError(f"a prompt of {int(ids.shape[1])} tokens does not fit a {self.max_len}-position cache")
         with self._own_stream():
             self.cache.reset()
+            self._last = None
             self.pos = int(ids.shape[1])
             self._sent = self._got = 0
             return self._forward(ids)
@@ -245,9 +307,15 @@ class StaticRunner:
             n = self.bucket_len(self.pos)
             if n not in self.graphs:
                 self.graphs[n] = self._capture(n)
-            graph, out = self.graphs[n]
+            graph, self._last = self.graphs[n]
             graph.replay()
-            return out
+            return self._last[0]
+
+    def greedy(self, logits):
+        """The greedy token of ``logits``: the captured step's own argmax when they are that step's output."""
+        if self._last is not None and logits is self._last[0]:
+            return self._last[1]
+        return logits.argmax(dim=-1, keepdim=True)
 
     def _capture(self, n: int):
         """Run the step once eagerly on a side stream (warm-up: kernels pick their algorithms, the cache's
@@ -263,8 +331,11 @@ class StaticRunner:
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             self._step_fn(self.tok, bucket)
-            for layer in self.cache.layers:
-                layer.cumulative_length.sub_(1)
+            if self.counter is not None:
+                self.counter.sub_(1)
+            else:
+                for layer in self.cache.layers:
+                    layer.cumulative_length.sub_(1)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         # thread_local: loads and other runs on other threads may allocate while this thread captures
