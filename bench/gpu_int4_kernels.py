@@ -8,7 +8,7 @@ PyTorch's int4 kernel (tinygemm, ``aten._weight_int4pack_mm``; ``hqq4-fast`` kee
 experimental
 Triton kernels (``bench/int4_triton.py``), our CUDA GEMV (``engine/backends/int4_cuda.py``, what ``hqq4-fast`` uses
 on CUDA) and a bf16 linear for scale. Each kernel runs ``reps`` times inside one CUDA graph (as in the fast path's
-captured decode step), cycling through copies of the weights larger than the L2 cache together (as a model's
+captured decode step), cycling through ~1 GB of copies of the weights (:data:`ROTATE_BYTES`; as a model's
 layers are), so the time per call includes what a launch costs there and reads from HBM;
 bandwidth = bytes the weights hold (codes + scales + zeros) / time, against a device-to-device copy measured in the
 same run. Every 4-bit kernel is first checked against the dequantized weight in fp32 (batch 1 and 7).
@@ -30,7 +30,16 @@ SHAPES = [("q/o", 4096, 4096), ("k/v", 1024, 4096), ("q+k+v", 6144, 4096), ("gat
           ("gate+up", 28672, 4096), ("down", 4096, 14336), ("lm_head bf16", 128256, 4096)]
 
 
-ROTATE_BYTES = 96 << 20  # more than the L2 cache (50 MB on H100/H200): each call reads its weights from HBM
+# Copies of the weights a timing cycles through, ~1 GB in all: each call then reads its weights from HBM, as in a
+# model. 96 MB (twice the 50 MB L2 of an H100/H200, used until 2026-11-26) still left L2 hits: gate+up 23.7 µs per
+# call there, 26.9 µs from 0.5 GB on and in the model (bench/results/gpu_int4_rotation_h200_2026-11-26h.log).
+ROTATE_BYTES = 1 << 30
+MAX_COPIES = 256
+
+
+def copies_for(nbytes: int) -> int:
+    """How many copies of ``nbytes`` of weights make up :data:`ROTATE_BYTES` (2 to :data:`MAX_COPIES`)."""
+    return max(2, min(MAX_COPIES, -(-ROTATE_BYTES // nbytes)))
 
 
 def rotating(layer, nbytes: int):
@@ -39,7 +48,7 @@ def rotating(layer, nbytes: int):
     from L2 and look faster than it is."""
     import copy
 
-    layers = [layer] + [copy.deepcopy(layer) for _ in range(max(0, min(31, -(-ROTATE_BYTES // nbytes) - 1)))]
+    layers = [layer] + [copy.deepcopy(layer) for _ in range(copies_for(nbytes) - 1)]
     state = {"i": 0}
 
     def call(x):

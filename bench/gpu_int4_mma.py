@@ -11,9 +11,12 @@ group, and per group of 64 features ``s * d + ((8 - z) s - 136 s) * sum(x)`` = `
 Layout: per tile of 16 rows and group of 64 features, 512 bytes in the order of the mma's A fragments (lane
 ``4g + t``, word ``i``: rows ``g``/``g+8``, features ``16i + 2t (+1, +8, +9)``), so each lane loads 16 bytes.
 
-Measured on an H200 (docs/benchmarks.md, 2026-11-26 seventh session): correct (relative error ~3e-3, bf16 output
-rounding) but no faster than our GEMV per layer, so the GEMV is not bound by its instruction count. Timing as in
-``bench/gpu_int4_kernels.py`` (a CUDA graph of 200 calls cycling through copies of the weights larger than L2).
+Measured on an H200 (docs/benchmarks.md): correct (relative error ~3e-3, bf16 output rounding). Timed cycling
+through 96 MB of weight copies (seventh session) it looked no faster than our GEMV; that timing still had L2 hits.
+Cycling through ~1 GB, as a model reads its weights (ninth session, bench/results/gpu_int4_mma_h200_2026-11-26h_1gb.log),
+it is **faster on every shape the model uses**: q/o 5.9 vs 6.6 µs, q+k+v 7.8 vs 8.8, gate+up 25.8 vs 27.0, down
+14.5 vs 16.2 (−4.6 µs per layer, ~0.15 ms per token of an 8B). Not in the engine yet. Timing as in
+``bench/gpu_int4_kernels.py`` (a CUDA graph of 200 calls cycling through ~1 GB of copies of the weights).
 """
 from __future__ import annotations
 
@@ -157,7 +160,7 @@ def main() -> int:
     from torch.utils import cpp_extension
 
     from engine.backends import int4_cuda
-    from gpu_int4_kernels import SHAPES, graph_time
+    from gpu_int4_kernels import SHAPES, copies_for, graph_time
     from gpu_validate import copy_bandwidth
 
     if not torch.cuda.is_available():
@@ -188,7 +191,7 @@ def main() -> int:
             for cfg in CONFIGS:
                 err = max(err, ((ext.mm(x, w, sz, *cfg).float() - want).abs().max() / want.abs().max()).item())
         wbytes = q.numel() // 2 + s.numel() * 4
-        copies = max(1, min(32, -(-(96 << 20) // wbytes)))
+        copies = copies_for(wbytes)
         ws, szs = [w] + [w.clone() for _ in range(copies - 1)], [sz] + [sz.clone() for _ in range(copies - 1)]
         ours = int4_cuda.from_codes(q, s, z)
         theirs = [ours] + [int4_cuda.GemvInt4Linear(ours.words.clone(), ours.sz.clone(), k, None, ours.config)
