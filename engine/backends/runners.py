@@ -168,6 +168,13 @@ def _one_counter_layer():
     from transformers.cache_utils import StaticLayer
 
     class OneCounterLayer(StaticLayer):
+        def lazy_initialization(self, key_states, value_states):
+            shared = self.cumulative_length
+            super().lazy_initialization(key_states, value_states)  # moves the counter to the layer's device
+            if self.cumulative_length is not shared:  # a copy would never advance: wrong positions, silently
+                raise RuntimeError(f"a cache layer on {self.device} cannot share the position counter on "
+                                   f"{shared.device}: the fast path needs the whole model on one device")
+
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
