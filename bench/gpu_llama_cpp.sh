@@ -26,11 +26,6 @@ t0=$(date +%s)
 rm -rf /tmp/qs-lcp && mkdir -p /tmp/qs-lcp/src /tmp/qs-lcp/wheel
 tar xzf "$SDIST" -C /tmp/qs-lcp/src
 SRC=$(ls -d /tmp/qs-lcp/src/*/)
-# llama.cpp's converter loads tokenizers with remote code enabled; QuantScope never runs a model's own code, so the
-# vendored copy is switched off before it runs (a plain Llama checkpoint needs none), and the run stops if any is left.
-REMOTE='\(trust_remote_code\)[[:space:]]*=[[:space:]]*True'
-grep -rl "$REMOTE" "$SRC/vendor/llama.cpp" --include=*.py | xargs -r sed -i "s/$REMOTE/\1=False/g"
-if grep -rq "$REMOTE" "$SRC/vendor/llama.cpp" --include=*.py; then echo "remote code still enabled in the converter"; exit 1; fi
 ( cd "$SRC" && CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${ARCH}-real -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DLLAVA_BUILD=OFF" \
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) python3 -m pip wheel . --no-build-isolation --no-deps -w /tmp/qs-lcp/wheel \
   > "$OUT/build.log" 2>&1 ) || { tail -40 "$OUT/build.log"; exit 1; }
@@ -43,8 +38,11 @@ from pathlib import Path
 from gpu_engine_check import build_checkpoint
 print(build_checkpoint('$PRESET', Path('${QS_GPU_TOKENIZER:?set QS_GPU_TOKENIZER to a tokenizer folder}')))" | tail -1)
 GGUF=/tmp/qs-lcp/model-q8_0.gguf
-PYTHONPATH="$SRC/vendor/llama.cpp/gguf-py:${PYTHONPATH:-}" python3 "$SRC/vendor/llama.cpp/convert_hf_to_gguf.py" "$CKPT" \
-  --outtype q8_0 --outfile "$GGUF" > "$OUT/convert.log" 2>&1 || { tail -30 "$OUT/convert.log"; exit 1; }
+# llama.cpp's converter asks transformers for a model's own code when it loads tokenizers; QuantScope never runs
+# it, so the converter runs through bench/no_remote_code.py, which answers no to every such request.
+PYTHONPATH="$SRC/vendor/llama.cpp/gguf-py:${PYTHONPATH:-}" python3 "$ROOT/bench/no_remote_code.py" \
+  "$SRC/vendor/llama.cpp/convert_hf_to_gguf.py" "$CKPT" --outtype q8_0 --outfile "$GGUF" > "$OUT/convert.log" 2>&1 ||
+  { tail -30 "$OUT/convert.log"; exit 1; }
 echo "GGUF written: $GGUF ($(du -m "$GGUF" | cut -f1) MB) at $(( $(date +%s) - t0 )) s"
 cd "$ROOT"
 [ -n "${QS_LCP_BUILD_ONLY:-}" ] && exit 0

@@ -94,7 +94,11 @@ def read_header(path: Path) -> Header:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 return _parse(data, path.name)
     except OSError as e:
-        raise ConfigError(f"'{path.name}' cannot be read ({e.strerror or e.__class__.__name__}).") from None
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: OSError) -> ConfigError:
+    return ConfigError(f"'{path.name}' cannot be read ({e.strerror or e.__class__.__name__}).")
 
 
 def _parse(data, name: str) -> Header:
@@ -182,5 +186,5 @@ def hf_config(path: Path) -> dict:
     try:
         st = path.stat()
     except OSError as e:
-        raise ConfigError(f"'{path.name}' cannot be read ({e.strerror or e.__class__.__name__}).") from None
+        raise _unreadable(path, e) from None
     return dict(_config(str(path.resolve()), st.st_mtime_ns, st.st_size))

@@ -29,6 +29,7 @@ more positions than it holds replaces it by a longer one; a run that finds it bu
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Optional
 
@@ -159,6 +160,7 @@ def chunked_argmax(logits):
     return chunk * ARGMAX_CHUNK + inner.gather(-1, chunk)
 
 
+@functools.lru_cache(maxsize=1)
 def _one_counter_layer():
     """transformers' ``StaticLayer`` without the per-layer position update: every layer of a cache shares one
     position counter, which :class:`StaticRunner` advances once per forward pass. With a counter per layer, each
