@@ -1,10 +1,10 @@
 """An experiment, not used by the engine: HQQ 4-bit matmuls on Triton kernels of our own (CUDA).
 
-Measured against PyTorch's int4 kernel (tinygemm) and our CUDA GEMV (``engine/backends/int4_cuda.py``, what
+Measured against PyTorch's int4 kernel (tinygemm) and our int4 kernel (``engine/backends/int4_cuda.py``, what
 ``hqq4-fast`` uses on CUDA) by ``bench/gpu_int4_kernels.py`` on an H200 with Llama-3.1-8B's layer shapes at batch 1:
 a first version of the GEMV here, converting every code, read the weights at 26-37% of the copy bandwidth; this one
 (codes read as subnormal floats, no conversion instruction; ``QUANTSCOPE_INT4_GEMV=magic`` tries the exponent
-trick instead) at 25-33% with the weights read from HBM, tinygemm at 32-44%, our CUDA GEMV at 38-64% (docs/benchmarks.md). Kept so the comparison
+trick instead) at 25-33% with the weights read from HBM, tinygemm at 32-44% (docs/benchmarks.md). Kept so the comparison
 can be re-run.
 
 Layout ("planar per group"): each row's codes are int32 words, eight 4-bit codes per word; within each

@@ -299,67 +299,82 @@ def test_captured_step_attends_only_its_bucket_of_positions_with_one_compilation
 # ---- our CUDA int4 GEMV (engine/backends/int4_cuda.py): its layout and arithmetic, checked on CPU; the kernel
 # itself runs in tests/test_gpu.py ----
 
-def test_int4_gemv_layout_puts_a_lanes_four_words_in_one_16_byte_load():
+def _mma_fragment(lane: int, i: int, j: int):
+    """Which (row within the tile, feature within the group) nibble ``j`` of word ``i`` of ``lane`` feeds, read
+    off PTX's m16n8k16 A-fragment layout as the kernel builds it: register ``a_m`` = ``(w >> 4m) & 0x000F000F |
+    0x43004300``, whose low / high bf16 are (row g + 8 (m & 1), column 2t + 8 (m >> 1)) / the next column; the
+    16 columns of word i are features 16i .. 16i + 15 of the group."""
+    g, t = lane // 4, lane % 4
+    m, high = j % 4, j // 4  # nibble j is bit 4j: register a_(j % 4), its high half when j >= 4
+    return g + 8 * (m & 1), 16 * i + 2 * t + 8 * (m >> 1) + high
+
+
+def test_int4_gemv_layout_is_the_tensor_cores_fragment_order():
     from engine.backends import int4_cuda as ic
 
-    n, k = ic.PACK_ROWS + 3, 2048  # packed in row chunks: a chunk and a ragged one
+    n, k = ic.PACK_ROWS + 48, 640  # packed in row chunks: a chunk and a ragged one; 10 groups
     feat = torch.arange(k).expand(n, k)
-    q = ((feat * 7 + torch.arange(n)[:, None] * 5) % 16).to(torch.uint8)  # a code pattern that tells features apart
+    q = ((feat * 7 + torch.arange(n)[:, None] * 5 + feat // 64) % 16).to(torch.uint8)  # tells rows, features apart
     words = ic.pack(q)
     assert words.shape == (n, k // 8) and words.dtype == torch.int32
     assert torch.equal(ic.unpack(words), q)
-    into = torch.zeros((n + 2, k // 8), dtype=torch.int32)
-    ic.pack(q, out=into[1:n + 1])  # rows of a stacked layer
-    assert torch.equal(into[1:n + 1], words) and not into[0].any() and not into[-1].any()
-    # step c, lane t, word j of the lane's 16 bytes (int32 index c*128 + t*4 + j) holds features 256j + 8t + i
-    for row, c, t, j, i in ((0, 0, 0, 0, 0), (1, 0, 5, 3, 7), (2, 1, 31, 2, 4), (0, 1, 17, 1, 6)):
-        word = int(words[row, c * 128 + t * 4 + j]) & 0xFFFFFFFF
-        assert (word >> (4 * i)) & 0xF == int(q[row, c * 1024 + 256 * j + 8 * t + i])
+    into = torch.zeros((n + 32, k // 8), dtype=torch.int32)
+    ic.pack(q, out=into[16:n + 16])  # rows of a stacked layer
+    assert torch.equal(into[16:n + 16], words) and not into[:16].any() and not into[-16:].any()
+    flat = words.reshape(-1)
+    # tile T, group G, lane l: the lane's 16-byte load is words (T * groups + G) * 128 + 4 l .. + 3
+    for tile, grp, lane in ((0, 0, 0), (1, 3, 5), (n // 16 - 1, 9, 31), (64, 2, 18)):
+        for i in range(4):
+            word = int(flat[((tile * (k // 64) + grp) * 32 + lane) * 4 + i]) & 0xFFFFFFFF
+            for j in range(8):
+                row, col = _mma_fragment(lane, i, j)
+                assert (word >> (4 * j)) & 0xF == int(q[tile * 16 + row, grp * 64 + col]), (tile, grp, lane, i, j)
+    # whole tiles: rows sliced at multiples of 16 are the same tiles (sibling projections are stacked that way)
+    assert torch.equal(ic.unpack(words[32:80]), q[32:80])
 
 
-def test_int4_gemv_scales_are_stored_where_a_lane_reads_them_and_the_zero_term_is_tinygemms():
+def test_int4_gemv_scales_are_stored_where_a_lane_group_reads_them_and_the_zero_term_is_tinygemms():
     from engine.backends import int4_cuda as ic
 
-    n, g = 2, 32  # 2,048 features
+    n, g = 32, 10
     s = torch.rand(n, g) * 0.01 + 1e-3
     z = torch.rand(n, g) * 15
     sz = ic.pack_sz(s, z)
     assert sz.shape == (n, g, 2) and sz.dtype == torch.bfloat16
     assert torch.equal(ic.unpack_sz(sz)[..., 0], s.to(torch.bfloat16))
     assert torch.equal(ic.unpack_sz(sz)[..., 1], ((8 - z) * s).to(torch.bfloat16))
-    # lane t of step c reads 4 pairs at c*16 + (t//8)*4: those of groups c*16 + 4j + t//8, j = 0..3
-    for c, t in ((0, 0), (0, 13), (1, 31)):
-        at = c * 16 + (t // 8) * 4
-        assert torch.equal(sz[0, at:at + 4, 0], s[0, [c * 16 + 4 * j + t // 8 for j in range(4)]].to(torch.bfloat16))
+    # lanes 4g..4g+3 of (tile T, group G) read 8 bytes at uint2 index (T * groups + G) * 8 + g: (s, t) of rows g, g+8
+    flat = sz.reshape(-1, 4)
+    for tile, grp, gg in ((0, 0, 0), (1, 7, 3), (1, 9, 7)):
+        got = flat[(tile * g + grp) * 8 + gg]
+        r = tile * 16 + gg
+        want = torch.stack([s[r, grp], (8 - z[r, grp]) * s[r, grp], s[r + 8, grp], (8 - z[r + 8, grp]) * s[r + 8, grp]])
+        assert torch.equal(got, want.to(torch.bfloat16))
 
 
 def _kernel_arithmetic(x, words, sz):
-    """What one CUDA thread computes, for every row at once, in fp32 on CPU: codes read as subnormal floats
-    (mask, no conversion), inputs pre-scaled per nibble, three sums per row, scaled back at the end."""
+    """What the kernel computes, in fp32 on CPU: codes read as the bf16 ``128 + q`` (their bits OR'ed into
+    0x4300), a tensor-core product per group with the inputs (bf16 in, fp32 sums), the inputs' sum per group (the
+    all-ones mma), and per group s * d + ((8 - z) s - 136 s) * sum(x)."""
     from engine.backends import int4_cuda as ic
 
-    n, kw = words.shape
-    w = words.reshape(n, kw // 128, 32, 4).transpose(2, 3).reshape(n, kw)  # back to feature order, one word = 8
-    hi = w >> 8
-    codes = [(w & (0xF << (4 * i))).view(torch.float32) for i in range(6)]
-    codes += [(hi & (0xF << (4 * i - 8))).view(torch.float32) for i in (6, 7)]  # nibbles 6, 7 after >> 8
-    sc = [2.0 ** (ic.E - c) for c in (0, 4, 8, 12, 16, 20, 16, 20)]
-    xw = x.float().reshape(kw, 8)
-    dot = sum(codes[i] * (xw[:, i] * sc[i]) for i in range(8))  # [N, K/8]: q.x per word, times 2^(E-149)
-    xs = xw.sum(dim=1)
-    pairs = ic.unpack_sz(sz).float().repeat_interleave(8, dim=1)  # the word's group's (s, (8 - z) s)
+    q = ic.unpack(words).to(torch.int16)
+    n, k = q.shape
+    a = (q | 0x4300).view(torch.bfloat16).float().reshape(n, k // 64, 64)  # 128 + q, exactly
+    xg = x.float().reshape(k // 64, 64)
+    d = (a * xg).sum(-1)  # [N, groups]
+    e = xg.sum(-1)
+    pairs = ic.unpack_sz(sz).float()
     s, zt = pairs[..., 0], pairs[..., 1]
-    acc, accs, accz = (s * dot).sum(1), (s * xs).sum(1), (zt * xs).sum(1)
-    return acc * 2.0 ** (149 - ic.E) - 8 * accs + accz
+    return (s * d + (zt - 136 * s) * e).sum(-1)
 
 
 def test_int4_gemv_arithmetic_gives_hqqs_matmul():
     from engine.backends import int4_cuda as ic
 
-    # a code masked out of a word and read as fp32 bits is q * 2^(c - 149) exactly, for every code and nibble
-    q = torch.arange(16, dtype=torch.int32)
-    for c in (0, 4, 8, 12, 16, 20):
-        assert torch.equal((q << c).view(torch.float32).double(), q.double() * 2.0 ** (c - 149))
+    # a code OR'ed into the bits of bf16 128.0 is 128 + q exactly, for every code
+    q = torch.arange(16, dtype=torch.int16)
+    assert torch.equal((q | 0x4300).view(torch.bfloat16).float(), 128 + q.float())
     h = _hqq(2048, 96, seed=3)
     qc, s, z, _ = int4.codes(h)
     words, sz = ic.pack(qc), ic.pack_sz(s, z)
@@ -375,9 +390,10 @@ def test_int4_gemv_says_what_it_cannot_take():
     from engine.backends import int4_cuda as ic
 
     assert "group size 64, not 128" in ic.why_not(4096, 4096, 128)
-    assert "multiple of 1024 input features, not 576" in ic.why_not(1536, 576, 64)
+    assert "multiple of 16 output features, not 100" in ic.why_not(100, 576, 64)
+    assert "multiple of 64 input features, not 600" in ic.why_not(1536, 600, 64)
     if not torch.cuda.is_available():
-        assert ic.why_not(4096, 4096, 64) == ic.available() == "no CUDA device"
+        assert ic.why_not(1536, 576, 64) == ic.why_not(4096, 4096, 64) == ic.available() == "no CUDA device"
 
 
 def test_our_gemv_layers_and_fused_siblings_route_rows_right(monkeypatch):
@@ -386,22 +402,18 @@ def test_our_gemv_layers_and_fused_siblings_route_rows_right(monkeypatch):
     from engine.backends import int4_cuda as ic
 
     class Reference:
-        def gemv(self, x, w, sz, rows, warps, prefetch):
-            assert x.shape[0] == 1 and (rows, warps, prefetch) == (4, 2, 0)
-            return (x.float() @ ic.dequantize(w, sz).float().T).to(torch.bfloat16)
-
-        def gemm(self, x, w, sz, chunk_rows):
-            assert chunk_rows == ic.chunk_rows(x.shape[0], x.shape[1])
+        def mm(self, x, w, sz, warps, loads, chunk_rows):
+            assert (warps, loads) == (4, 2) and chunk_rows == ic.chunk_rows(x.shape[0], x.shape[1])
             return (x.float() @ ic.dequantize(w, sz).float().T).to(torch.bfloat16)
 
     monkeypatch.setattr(ic, "_ext", lambda: Reference())
-    monkeypatch.setattr(ic, "_config", lambda n, k, device: (4, 2, 0))
+    monkeypatch.setattr(ic, "_config", lambda n, k, device: (4, 2))
     mod = torch.nn.Module()
     names, hs = ("q_proj", "k_proj", "v_proj"), []
     for name, out_f, seed in zip(names, (64, 16, 16), (1, 2, 3)):
         hs.append(_hqq(1024, out_f, bias=True, seed=seed))
         q, s, z, bias = int4.codes(hs[-1])
-        setattr(mod, name, ic.from_codes(q, s, z, bias, config=(4, 2, 0)))
+        setattr(mod, name, ic.from_codes(q, s, z, bias, config=(4, 2)))
     with torch.inference_mode():
         for tokens in (1, 5, ic.DEQUANT_MIN_TOKENS):
             x = torch.randn(1, tokens, 1024, dtype=torch.bfloat16)
@@ -426,7 +438,6 @@ def test_our_gemv_layers_and_fused_siblings_route_rows_right(monkeypatch):
                 assert torch.equal(a, b)
             for a, b in zip(want[::-1], alone):
                 assert torch.equal(a, b)
-
 
 
 def test_every_runner_of_a_model_knows_it_is_on_our_attention(models):

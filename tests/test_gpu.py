@@ -164,7 +164,8 @@ def test_fast_path_is_captured_at_load_and_replayed(loaded):
     if lm.backend == "hqq":
         from engine.backends import int4_cuda
 
-        # our GEMV where nvcc and ninja can build it (the preset's rows are multiples of 1,024), else tinygemm
+        # our int4 kernel where nvcc and ninja can build it (the preset's shapes are whole tiles and groups), else
+        # tinygemm
         want = "QuantScope int4 GEMV" if int4_cuda.available() is None else "int4 kernel"
         assert lm.info["hqq_backend"] == want, lm.info
     _, m, _ = collect(lm, GenerationSettings(max_new_tokens=16, temperature=0.0))
@@ -244,14 +245,15 @@ def test_our_int4_gemv_computes_what_hqq_dequantizes_and_fuses_siblings():
         pytest.skip(why)
     torch.manual_seed(0)
     layers, codes = {}, {}
-    for in_f, out_f in ((4096, 4096), (4096, 1024), (14336, 4096), (2048, 1000)):
-        lin = torch.nn.Linear(in_f, out_f, bias=out_f == 1000).to(torch.bfloat16)
+    # 8B shapes; a bias; K = 576, not a multiple of 1,024 (SmolLM2's hidden size): whole groups of 64 are enough
+    for in_f, out_f in ((4096, 4096), (4096, 1024), (14336, 4096), (2048, 1008), (576, 1536)):
+        lin = torch.nn.Linear(in_f, out_f, bias=out_f == 1008).to(torch.bfloat16)
         h = HQQLinear(lin, BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.bfloat16, device="cuda")
         q, s, z, bias = codes[(in_f, out_f)] = int4.codes(h)
         ours = int4_cuda.from_codes(q, s, z, bias)
         layers[(in_f, out_f)] = ours
-        # one token (the GEMV); short prompts (8 tokens per block, a ragged last block); longer ones (dequantized
-        # in row chunks + cuBLAS)
+        # one token; short prompts (8 tokens per block, a ragged last block); longer ones (dequantized in row
+        # chunks + cuBLAS)
         for m in (1, 3, 9, int4_cuda.DEQUANT_MIN_TOKENS + 4, 100):
             x = torch.randn(m, in_f, dtype=torch.bfloat16, device="cuda") * 2
             with torch.inference_mode():
@@ -259,7 +261,8 @@ def test_our_int4_gemv_computes_what_hqq_dequantizes_and_fuses_siblings():
                 got = ours(x).float()
             assert got.shape == ref.shape
             assert (got - ref).abs().max().item() < 0.01 * ref.abs().max().item(), (in_f, out_f, m)
-    # q/k/v stacked into one call: the same outputs in transformers' order, and alone or out of order too
+    # q/k/v stacked into one call: the separate layers' outputs (up to the summation order of the stacked shape's
+    # launch configuration) in transformers' order, and bit for bit the same alone or out of order
     mod = torch.nn.Module()
     mod.q_proj, mod.k_proj, mod.v_proj = layers[(4096, 4096)], layers[(4096, 1024)], layers[(4096, 1024)]
     x = torch.randn(1, 1, 4096, dtype=torch.bfloat16, device="cuda")
@@ -272,8 +275,8 @@ def test_our_int4_gemv_computes_what_hqq_dequantizes_and_fuses_siblings():
         alone = [mod.v_proj(x), mod.k_proj(x)]
         assert mod.fused_q_k_v._out is None  # the last sibling let go of the stacked output
     for a, b in zip(want, got):
-        assert torch.equal(a, b)
-    assert torch.equal(alone[0], want[2]) and torch.equal(alone[1], want[1])
+        assert (a.float() - b.float()).abs().max().item() <= 0.01 * a.float().abs().max().item()
+    assert torch.equal(alone[0], got[2]) and torch.equal(alone[1], got[1])
 
 
 def test_reloading_a_fast_model_reuses_its_streams_and_leaves_no_memory_behind(checkpoint):

@@ -16,7 +16,7 @@ this conversion serves both devices and is tested against HQQ's dequantization (
 Measured on an H200 (bench/gpu_int4_kernels.py, docs/benchmarks.md) this kernel reads 4-bit weights at 32-44% of
 the copy bandwidth per layer at batch 1; gemlite (HQQ's Triton kernels) was not faster on the whole model, nor
 were Triton GEMVs of our own (bench/int4_triton.py). On CUDA, :func:`convert` therefore puts every layer it can on
-our own CUDA GEMV (:mod:`engine.backends.int4_cuda`, 38-64%) and keeps this kernel for the rest (and on CPU);
+our own tensor-core int4 kernel (:mod:`engine.backends.int4_cuda`, 38-60%) and keeps this one for the rest (and on CPU);
 ``QUANTSCOPE_INT4_KERNEL=tinygemm`` keeps this kernel everywhere.
 """
 from __future__ import annotations

@@ -1,41 +1,36 @@
-"""A 4-bit GEMV of our own for one token at a time on CUDA (the decode step of ``hqq4-fast``).
+"""A 4-bit matmul of our own for decode steps and short prompts on CUDA (``hqq4-fast``), on tensor cores.
 
 At batch 1 every weight is read once per token, so the matmul's speed is the rate at which it streams the 4-bit
 codes. PyTorch's int4 kernel (tinygemm) reads them at 32-44% of the copy bandwidth on an H200 at Llama-8B's layer
-shapes (docs/benchmarks.md); this kernel is written for that one case.
+shapes; this kernel is written for few tokens.
+
+How (one ``mma.sync.m16n8k16`` per 16 rows x 16 features): a word of 8 codes becomes four bf16 pairs ``128 + q``
+with one shift and one AND|OR each (``(w >> 4m) & 0x000F000F | 0x43004300``: bf16 128.0 with the code in its low
+mantissa bits, exact), the mma multiplies a 16-row x 16-feature tile of them by up to 8 tokens (the B operand's 8
+columns), a second mma with an all-ones A gives each token's sum of inputs, and per group of 64 features ``s * d +
+((8 - z) s - 136 s) * sum(x)`` = ``s (q - z) . x`` in fp32 (``(8 - z) s`` is tinygemm's zero term: half the
+rounding error of ``-z s``). ``mma_int4<KS, U>``: a block per tile of 16 rows (and per 8 tokens), KS warps
+splitting its groups, U groups' loads issued together; the fastest of :data:`CONFIGS` is timed per layer shape at
+load (:func:`pick_config`). Prompts of :data:`DEQUANT_MIN_TOKENS` tokens or more: ``dequant_int4`` writes
+:data:`DEQUANT_BYTES` of rows at a time as bf16 into a buffer that ``cublasGemmEx`` multiplies.
 
 Layout (built from HQQ's codes by :func:`pack`, same bytes as HQQ's: two codes per byte, one bf16 scale and one
 bf16 zero term per group of 64 input features):
 
-- ``words`` int32 [N, K/8]: word ``w`` of a row holds features ``8w .. 8w+7``, feature ``8w+i`` in bits
-  ``4i .. 4i+3``. Within each block of 1,024 features (128 words), the words are stored transposed, [4][32] ->
-  [32][4], so that lane ``t`` of a warp loads its four words in one 16-byte load and they hold features
-  ``256j + 8t .. +7`` (j = 0..3): the 32 lanes then read the input in four contiguous 512-byte runs.
-- ``sz`` bf16 [N, K/64, 2]: per group, HQQ's scale ``s`` and ``(8 - z) * s`` (tinygemm's zero term); ``w =
-  (q - z) * s``, and per 8 features a lane adds ``s * sum(q x) + ((8 - z) s - 8 s) * sum(x)``. Within each
-  block of 16 groups the groups are stored [j][g] -> [g][j] (lane ``t`` of a step meets groups ``4j + t/8``),
-  so a lane loads its four (scale, zero) pairs in one 16-byte load.
+- ``words`` int32, stored as [N, K/8] but in tile order: per tile of 16 rows and group of 64 features, 128 words =
+  32 lanes x 4, in the order of the mma's A fragments. Lane ``4g + t``'s word ``i`` holds rows ``g`` and ``g + 8``
+  at features ``16i + 2t``, ``+1``, ``+8``, ``+9`` of the group; its nibble ``j`` is row ``g + 8 (j & 1)``, feature
+  ``16i + 2t + 8 ((j >> 1) & 1) + (j >> 2)``. Each lane loads its four words in one 16-byte load. Rows sliced at
+  multiples of 16 are whole tiles (sibling projections are stacked and sliced that way).
+- ``sz`` bf16, stored as [N, K/64, 2], in tile order: per tile and group, for g = 0..7, ``(s, (8 - z) s)`` of rows
+  ``g`` and ``g + 8`` (one 8-byte load per lane group).
 
-Codes become floats without a conversion instruction: a code at bits ``c .. c+3`` of a word, masked out and read
-as an fp32 bit pattern, is exactly ``q * 2**(c - 149)`` (patterns below 2**24 are subnormals or the lowest normal
-binade, where value = pattern * 2**-149). Nibbles 0-5 are masked in place, nibbles 6-7 after one shift by 8; the
-input is pre-scaled per nibble by ``2**(E - c)`` so products land at ``q * x * 2**(E - 149)``, well inside fp32's
-normal range, and the group sum is scaled back with the group's scale. Per code: one AND and one FMA. This needs
-subnormals kept (nvcc's default, ``-ftz=false``, passed explicitly).
-
-One token (the decode step): ``gemv_int4<R, KS, PF>``, R rows per block, KS warps splitting a row's K, PF
-prefetching the next step's weights; the fastest of :data:`CONFIGS` is timed per layer shape at load
-(:func:`pick_config`, on copies of the weights larger than the L2 cache). A prompt of fewer than
-:data:`DEQUANT_MIN_TOKENS` tokens: ``gemm_int4``, the same arithmetic applied by each block to 8 tokens at a time
-(CUDA cores); a longer one: ``dequant_int4`` writes :data:`DEQUANT_BYTES` of rows at a time as bf16 into a buffer
-that ``cublasGemmEx`` multiplies (tensor cores; 512 tokens of an 8B: 32 ms instead of 449 ms).
-Sibling projections (q/k/v, gate/up) can be stacked into one call (:func:`fuse_codes`).
-
+Requires N a multiple of 16 and K a multiple of 64 (group size 64); other layers keep tinygemm (:func:`why_not`).
 Compiled at first use with ``torch.utils.cpp_extension.load_inline`` (needs nvcc and ninja; ~50 s, cached in
 ``~/.cache/quantscope`` or ``QUANTSCOPE_KERNEL_CACHE``); where either is missing, :func:`why_not` says so and
-``hqq4-fast`` keeps tinygemm. Rows of K not a multiple of 1,024 or a group size other than 64 also keep tinygemm.
-Measured on an H200 (bench/gpu_int4_kernels.py, docs/benchmarks.md): 38-64% of the copy bandwidth per layer of an
-8B model, tinygemm 32-44%; the 8B decodes at 341 tok/s on it (tinygemm: 261-275).
+``hqq4-fast`` keeps tinygemm. Measured on an H200 (docs/benchmarks.md; timed cycling through ~1 GB of weights, as
+a model reads them): q/o 5.9 µs, q+k+v 7.8, gate+up 25.8, down 14.5 per call for an 8B's layer shapes (38-60% of
+the copy bandwidth); the CUDA-core GEMV it replaced 6.6 / 8.8 / 27.0 / 16.2.
 """
 from __future__ import annotations
 
@@ -49,17 +44,14 @@ import torch
 from ..memory import FAST_INT4_DEQUANT_BYTES
 
 GROUP = 64
-BLOCK = 1024  # features per warp step: 32 lanes x 4 words x 8 codes
-E = 100  # inputs are pre-scaled by 2^(E - c) per nibble (the CUDA source's constants 0x1p100f .. 0x1p80f)
+TILE = 16  # rows per tile (the mma's M)
 # prompts of at least this many tokens: dequantize + cuBLAS, chunks of at most this many bytes (chunk_rows)
 DEQUANT_MIN_TOKENS = 32
 DEQUANT_BYTES = FAST_INT4_DEQUANT_BYTES  # the calculator counts this buffer
-# (rows per block, warps per block, prefetch): the launch shapes compiled; the fastest per layer shape is used
-CONFIGS = ((4, 2, 0), (4, 2, 1), (8, 2, 0), (8, 2, 1), (4, 4, 0), (8, 1, 1), (2, 4, 1), (4, 1, 1), (8, 4, 0),
-           (2, 2, 1))
+# (warps per block, groups loaded together): the launch shapes compiled; the fastest per layer shape is used
+CONFIGS = ((2, 4), (4, 4), (8, 4), (4, 2), (8, 2), (16, 2), (16, 4))
 
-# Headers and the two load helpers, shared with the tensor-core experiment (bench/gpu_int4_mma.py).
-SRC_HEADER = r"""
+_SRC = r"""
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <cublas_v2.h>
@@ -77,249 +69,146 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 __device__ __forceinline__ uint32_t part(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
 }
-"""
 
-_SRC = SRC_HEADER + r"""
-
-__device__ __forceinline__ float dot8(uint32_t w, const float* xf) {
-  const uint32_t wh = w >> 8;
-  float p = __uint_as_float(w & 0xFu) * xf[0];
-  p = fmaf(__uint_as_float(w & 0xF0u), xf[1], p);
-  p = fmaf(__uint_as_float(w & 0xF00u), xf[2], p);
-  p = fmaf(__uint_as_float(w & 0xF000u), xf[3], p);
-  p = fmaf(__uint_as_float(w & 0xF0000u), xf[4], p);
-  p = fmaf(__uint_as_float(w & 0xF00000u), xf[5], p);
-  p = fmaf(__uint_as_float(wh & 0xF0000u), xf[6], p);
-  p = fmaf(__uint_as_float(wh & 0xF00000u), xf[7], p);
-  return p;
+__device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+#define LOW4 0x000F000Fu
+#define MAGIC 0x43004300u
+#define ONES 0x3F803F80u
 
-#define BACK 0x1p49f  // 2^(149 - E): scales a group's sum of code x input products back
-
-// Eight bf16 inputs at p (16-byte aligned) -> xf, each pre-scaled by 2^(E - c) for the bit position c of its
-// nibble (c = 0,4,..,20, then 16, 20 after the shift); returns their plain sum.
-__device__ __forceinline__ float prep_x8(const __nv_bfloat16* p, float* xf) {
-  const float kScale[8] = {0x1p100f, 0x1p96f, 0x1p92f, 0x1p88f, 0x1p84f, 0x1p80f, 0x1p84f, 0x1p80f};
-  const uint4 xv = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* xb = reinterpret_cast<const __nv_bfloat162*>(&xv);
-  float xs = 0.f;
+// A block per tile of 16 rows and 8 tokens (grid y); KS warps split the tile's groups; U groups' loads are issued
+// together. x [M, K] bf16 (4-byte aligned rows), y [M, N].
+template <int KS, int U>
+__global__ void __launch_bounds__(32 * KS) mma_int4(const __nv_bfloat16* __restrict__ x,
+    const uint4* __restrict__ W, const uint2* __restrict__ SZ, __nv_bfloat16* __restrict__ y, int M, int N, int K) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int tile = blockIdx.x, m0 = blockIdx.y * 8, G = K >> 6;
+  const int per = (G + KS - 1) / KS, g0 = warp * per, g1 = min(G, g0 + per);
+  const uint32_t* xr = reinterpret_cast<const uint32_t*>(x + (size_t)min(m0 + g, M - 1) * K) + t;
+  const uint4* wp = W + (size_t)tile * G * 32 + lane;
+  const uint2* sp = SZ + (size_t)tile * G * 8 + g;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int b = g0; b < g1; b += U) {
+    uint4 wv[U];
+    uint2 sv[U];
+    uint32_t xb[U][8];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 v = __bfloat1622float2(xb[i]);
-    xs += v.x + v.y;
-    xf[2 * i] = v.x * kScale[2 * i];
-    xf[2 * i + 1] = v.y * kScale[2 * i + 1];
-  }
-  return xs;
-}
-
-// R rows per block; KS warps per block split the row's 1,024-feature steps between them; PF: each warp loads its
-// next step's weights before working on this one (more bytes in flight per warp, more registers).
-template <int R, int KS, bool PF>
-__global__ void __launch_bounds__(32 * KS) gemv_int4(const __nv_bfloat16* __restrict__ x,
-    const uint4* __restrict__ W, const __nv_bfloat162* __restrict__ SZ, __nv_bfloat16* __restrict__ y,
-    int N, int K) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row0 = blockIdx.x * R;
-  const int KV = K >> 5, KG = K >> 6, steps = K >> 10;
-  // per row: sum over words of s * dot8 (scaled by 2^(E-149)), of s * sum(x), and of (8 - z) s * sum(x)
-  float acc[R], accs[R], accz[R];
+    for (int u = 0; u < U; ++u) {
+      const int grp = min(b + u, g1 - 1);
+      wv[u] = ld_stream(wp + (size_t)grp * 32);
+      sv[u] = __ldg(sp + (size_t)grp * 8);
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = accs[r] = accz[r] = 0.f;
-  const uint4* wrow[R];
-  const __nv_bfloat162* szrow[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const size_t row = (size_t)min(row0 + r, N - 1);
-    wrow[r] = W + row * KV + lane;
-    szrow[r] = SZ + row * KG + (lane >> 3) * 4;
-  }
-  uint4 nxt[PF ? R : 1];
-  if (PF && warp < steps) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) nxt[PF ? r : 0] = ld_stream(wrow[r] + warp * 32);
-  }
-  for (int c = warp; c < steps; c += KS) {
-    uint4 cur[R], szv[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (PF) {
-        cur[r] = nxt[PF ? r : 0];
-      } else {
-        cur[r] = ld_stream(wrow[r] + c * 32);
+      for (int i = 0; i < 4; ++i) {
+        xb[u][2 * i] = __ldg(xr + grp * 32 + i * 8);
+        xb[u][2 * i + 1] = __ldg(xr + grp * 32 + i * 8 + 4);
       }
     }
-    if (PF && c + KS < steps) {
 #pragma unroll
-      for (int r = 0; r < R; ++r) nxt[PF ? r : 0] = ld_stream(wrow[r] + (c + KS) * 32);
-    }
-    // this lane's four groups of the step (j = 0..3), one 16-byte load per row; lanes 8g..8g+7 share it
+    for (int u = 0; u < U; ++u) {
+      if (b + u < g1) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int r = 0; r < R; ++r) szv[r] = *reinterpret_cast<const uint4*>(szrow[r] + c * 16);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float xf[8];
-      const float xs = prep_x8(x + c * 1024 + j * 256 + lane * 8, xf);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const uint32_t w = part(cur[r], j), szw = part(szv[r], j);
-        const float sx = __uint_as_float(szw << 16), zx = __uint_as_float(szw & 0xFFFF0000u);  // bf16 pair
-        acc[r] = fmaf(sx, dot8(w, xf), acc[r]);
-        accs[r] = fmaf(sx, xs, accs[r]);
-        accz[r] = fmaf(zx, xs, accz[r]);
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    acc[r] = fmaf(acc[r], BACK, fmaf(-8.f, accs[r], accz[r]));  // s (q - 8) x + (8 - z) s x = s (q - z) x
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
-  }
-  if (KS == 1) {
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) if (row0 + r < N) y[row0 + r] = __float2bfloat16(acc[r]);
-    }
-    return;
-  }
-  __shared__ float part[KS][R];
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) part[warp][r] = acc[r];
-  }
-  __syncthreads();
-  if (threadIdx.x < R && row0 + threadIdx.x < N) {
-    float s = 0.f;
-#pragma unroll
-    for (int k = 0; k < KS; ++k) s += part[k][threadIdx.x];
-    y[row0 + threadIdx.x] = __float2bfloat16(s);
-  }
-}
-
-
-// A prompt (M > 1 tokens): blocks of R rows x MT tokens (grid y); each warp loads its weights once per step and
-// applies them to the MT tokens of its block, so the weights are read ceil(M / MT) times in all.
-template <int R, int KS, int MT>
-__global__ void __launch_bounds__(32 * KS) gemm_int4(const __nv_bfloat16* __restrict__ x,
-    const uint4* __restrict__ W, const __nv_bfloat162* __restrict__ SZ, __nv_bfloat16* __restrict__ y,
-    int M, int N, int K) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row0 = blockIdx.x * R, m0 = blockIdx.y * MT;
-  const int KV = K >> 5, KG = K >> 6, steps = K >> 10;
-  float acc[MT][R];
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
-  for (int c = warp; c < steps; c += KS) {
-    uint4 cur[R];
-    float2 szf[R][4];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const size_t row = (size_t)min(row0 + r, N - 1);
-      cur[r] = ld_stream(W + row * KV + c * 32 + lane);
-      const uint4 szv = *reinterpret_cast<const uint4*>(SZ + row * KG + c * 16 + (lane >> 3) * 4);
-      const __nv_bfloat162* szr = reinterpret_cast<const __nv_bfloat162*>(&szv);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) szf[r][j] = __bfloat1622float2(szr[j]);
-    }
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (m0 + m >= M) break;
-      const __nv_bfloat16* xm = x + (size_t)(m0 + m) * K;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float xf[8];
-        const float xs = prep_x8(xm + c * 1024 + j * 256 + lane * 8, xf);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          acc[m][r] = fmaf(szf[r][j].x * BACK, dot8(part(cur[r], j), xf), acc[m][r]);
-          acc[m][r] = fmaf(fmaf(-8.f, szf[r][j].x, szf[r][j].y), xs, acc[m][r]);
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t w = part(wv[u], i);
+          mma_bf16(d, (w & LOW4) | MAGIC, ((w >> 4) & LOW4) | MAGIC, ((w >> 8) & LOW4) | MAGIC,
+                   ((w >> 12) & LOW4) | MAGIC, xb[u][2 * i], xb[u][2 * i + 1]);
+          mma_bf16(e, ONES, ONES, ONES, ONES, xb[u][2 * i], xb[u][2 * i + 1]);
         }
+        const float slo = __uint_as_float(sv[u].x << 16), tlo = __uint_as_float(sv[u].x & 0xFFFF0000u);
+        const float shi = __uint_as_float(sv[u].y << 16), thi = __uint_as_float(sv[u].y & 0xFFFF0000u);
+        const float zlo = fmaf(-136.f, slo, tlo), zhi = fmaf(-136.f, shi, thi);
+        acc[0] = fmaf(slo, d[0], fmaf(zlo, e[0], acc[0]));
+        acc[1] = fmaf(slo, d[1], fmaf(zlo, e[1], acc[1]));
+        acc[2] = fmaf(shi, d[2], fmaf(zhi, e[0], acc[2]));
+        acc[3] = fmaf(shi, d[3], fmaf(zhi, e[1], acc[3]));
       }
     }
   }
-  __shared__ float part[KS][MT][R];
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float v = acc[m][r];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      if (lane == 0) part[warp][m][r] = v;
-    }
+  const int n0 = tile * 16;
+  __shared__ float red[KS][8][16];
+  red[warp][2 * t][g] = acc[0];
+  red[warp][2 * t + 1][g] = acc[1];
+  red[warp][2 * t][g + 8] = acc[2];
+  red[warp][2 * t + 1][g + 8] = acc[3];
   __syncthreads();
-  for (int i = threadIdx.x; i < MT * R; i += 32 * KS) {
-    const int m = i / R, r = i % R;
-    if (m0 + m < M && row0 + r < N) {
-      float v = 0.f;
+  for (int i = threadIdx.x; i < 128; i += 32 * KS) {
+    const int c = i >> 4, r = i & 15;
+    if (m0 + c < M) {
+      float s = 0.f;
 #pragma unroll
-      for (int k = 0; k < KS; ++k) v += part[k][m][r];
-      y[(size_t)(m0 + m) * N + row0 + r] = __float2bfloat16(v);
+      for (int k = 0; k < KS; ++k) s += red[k][c][r];
+      y[(size_t)(m0 + c) * N + n0 + r] = __float2bfloat16(s);
     }
   }
 }
 
-// Rows of W -> a bf16 [rows, K] matrix in the usual layout (feature k of row n at n * K + k): one thread per
-// lane's 16 bytes of words (32 features), value s (q - 8) + (8 - z) s as in the kernels above, rounded to bf16.
-__global__ void dequant_int4(const uint4* __restrict__ W, const __nv_bfloat162* __restrict__ SZ,
-                             __nv_bfloat16* __restrict__ out, int rows, int K) {
-  const int KV = K >> 5, KG = K >> 6;
+// Rows [r0, r0 + rows) of W (whole tiles) -> a bf16 [rows, K] matrix in the usual layout: a thread per lane's 16
+// bytes of a (tile, group), value s (q - 8) + (8 - z) s as in the kernel above, rounded to bf16.
+__global__ void dequant_int4(const uint4* __restrict__ W, const uint2* __restrict__ SZ,
+                             __nv_bfloat16* __restrict__ out, int tiles, int K) {
+  const int G = K >> 6;
   const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (long)rows * KV) return;
-  const int row = i / KV, v = i % KV, c = v >> 5, lane = v & 31;
+  if (i >= (long)tiles * G * 32) return;
+  const int lane = i & 31, g = lane >> 2, t = lane & 3;
+  const long tg = i >> 5;  // tile * G + group
+  const int tile = tg / G, grp = tg % G;
   const uint4 w = ld_stream(W + i);
-  const uint4 szv = *reinterpret_cast<const uint4*>(SZ + (size_t)row * KG + c * 16 + (lane >> 3) * 4);
-  const __nv_bfloat162* szb = reinterpret_cast<const __nv_bfloat162*>(&szv);
+  const uint2 sv = SZ[tg * 8 + g];
+  const float s[2] = {__uint_as_float(sv.x << 16), __uint_as_float(sv.y << 16)};
+  const float zt[2] = {__uint_as_float(sv.x & 0xFFFF0000u), __uint_as_float(sv.y & 0xFFFF0000u)};
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 sz = __bfloat1622float2(szb[j]);
-    const uint32_t word = part(w, j);
-    __nv_bfloat162 o[4];
+  for (int wi = 0; wi < 4; ++wi) {
+    const uint32_t word = part(w, wi);
 #pragma unroll
-    for (int k = 0; k < 4; ++k)
-      o[k] = __floats2bfloat162_rn(fmaf((float)((word >> (8 * k)) & 0xF) - 8.f, sz.x, sz.y),
-                                   fmaf((float)((word >> (8 * k + 4)) & 0xF) - 8.f, sz.x, sz.y));
-    *reinterpret_cast<uint4*>(out + (size_t)row * K + c * 1024 + j * 256 + lane * 8) =
-        *reinterpret_cast<const uint4*>(o);
+    for (int j = 0; j < 4; ++j) {  // nibbles j and j + 4: columns c and c + 1 of one row
+      const int h = j & 1, c = 16 * wi + 2 * t + 8 * (j >> 1);
+      const float a = fmaf((float)((word >> (4 * j)) & 0xF) - 8.f, s[h], zt[h]);
+      const float b = fmaf((float)((word >> (4 * j + 16)) & 0xF) - 8.f, s[h], zt[h]);
+      *reinterpret_cast<__nv_bfloat162*>(out + (size_t)(tile * 16 + g + 8 * h) * K + grp * 64 + c) =
+          __floats2bfloat162_rn(a, b);
+    }
   }
 }
 
-template <int R, int KS, bool PF>
+template <int KS, int U>
 static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, torch::Tensor& y,
-                   int N, int K) {
-  auto stream = at::cuda::getCurrentCUDAStream();
-  gemv_int4<R, KS, PF><<<(N + R - 1) / R, 32 * KS, 0, stream>>>(
+                   int M, int N, int K) {
+  dim3 grid(N / 16, (M + 7) / 8);
+  mma_int4<KS, U><<<grid, 32 * KS, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const uint4*>(w.data_ptr()),
-      reinterpret_cast<const __nv_bfloat162*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), N, K);
+      reinterpret_cast<const uint2*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), M, N, K);
 }
 
-// chunk_rows > 0: rows of W are dequantized chunk_rows at a time into a bf16 buffer that a cuBLAS matmul reads
-// (tensor cores; the buffer is small enough to stay in L2); 0: gemm_int4 (weights read ceil(M / 8) times).
-torch::Tensor gemm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t chunk_rows) {
+// x [M, K] @ W.T. chunk_rows > 0: rows of W are dequantized chunk_rows at a time into a bf16 buffer that a cuBLAS
+// matmul reads (tensor cores at full width; the buffer is small enough to stay in L2); 0: mma_int4 with launch
+// shape (ks, u) (the weights read once per 8 tokens).
+torch::Tensor mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t ks, int64_t u, int64_t chunk_rows) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 &&
               x.size(1) == w.size(1) * 8, "x: contiguous bf16 [M, K]");
   TORCH_CHECK(w.scalar_type() == at::kInt && w.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
               sz.is_contiguous(), "words int32 and sz bf16, contiguous");
   const int M = x.size(0), N = w.size(0), K = w.size(1) * 8;
-  TORCH_CHECK(K % 1024 == 0, "K must be a multiple of 1024");
-  auto stream = at::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(K % 64 == 0 && N % 16 == 0, "K must be a multiple of 64 and N of 16");
   auto y = torch::empty({M, N}, x.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
   if (chunk_rows > 0) {
-    const int rows = (int)std::min<int64_t>(chunk_rows, N);
+    const int rows = (int)std::min<int64_t>(chunk_rows / 16 * 16, N);
+    TORCH_CHECK(rows > 0, "chunk_rows must hold a tile of 16 rows");
     auto buf = torch::empty({rows, K}, x.options());
     cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();  // on this stream, with PyTorch's workspace
     const float one = 1.f, zero = 0.f;
     auto* yp = reinterpret_cast<__nv_bfloat16*>(y.data_ptr());
     for (int r0 = 0; r0 < N; r0 += rows) {
       const int n = std::min(rows, N - r0);
-      const long threads = (long)n * (K >> 5);
+      const long threads = (long)(n / 16) * (K / 64) * 32;
       dequant_int4<<<(threads + 255) / 256, 256, 0, stream>>>(
           reinterpret_cast<const uint4*>(w.data_ptr()) + (size_t)r0 * (K >> 5),
-          reinterpret_cast<const __nv_bfloat162*>(sz.data_ptr()) + (size_t)r0 * (K >> 6),
-          reinterpret_cast<__nv_bfloat16*>(buf.data_ptr()), n, K);
+          reinterpret_cast<const uint2*>(sz.data_ptr()) + (size_t)r0 * (K >> 6) / 2,
+          reinterpret_cast<__nv_bfloat16*>(buf.data_ptr()), n / 16, K);
       // columns r0 .. r0 + n of y [M, N] (row-major) = x [M, K] @ buf[:n].T; cuBLAS is column-major: y.T's rows
       // r0.. (leading dimension N) = buf[:n] (K x n, transposed) times x.T (K x M). cuBLAS directly, not
       // at::mm: a prompt makes hundreds of these calls and waits on their host time, not on the GPU's.
@@ -330,47 +219,26 @@ torch::Tensor gemm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t c
     }
     return y;
   }
-  dim3 grid((N + 3) / 4, (M + 7) / 8);
-  gemm_int4<4, 2, 8><<<grid, 64, 0, stream>>>(
-      reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const uint4*>(w.data_ptr()),
-      reinterpret_cast<const __nv_bfloat162*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), M, N, K);
-  return y;
-}
-
-torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t rows, int64_t warps, int64_t prefetch) {
-  TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.numel() == w.size(1) * 8,
-              "x: one contiguous bf16 row of K features");
-  TORCH_CHECK(w.scalar_type() == at::kInt && w.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
-              sz.is_contiguous(), "words int32 and sz bf16, contiguous");
-  const int N = w.size(0), K = w.size(1) * 8;
-  TORCH_CHECK(K % 1024 == 0, "K must be a multiple of 1024");
-  auto y = torch::empty({1, N}, x.options());
-  const int key = rows * 100 + warps * 10 + prefetch;
-  switch (key) {
-    case 420: launch<4, 2, false>(x, w, sz, y, N, K); break;
-    case 421: launch<4, 2, true>(x, w, sz, y, N, K); break;
-    case 820: launch<8, 2, false>(x, w, sz, y, N, K); break;
-    case 821: launch<8, 2, true>(x, w, sz, y, N, K); break;
-    case 440: launch<4, 4, false>(x, w, sz, y, N, K); break;
-    case 811: launch<8, 1, true>(x, w, sz, y, N, K); break;
-    case 241: launch<2, 4, true>(x, w, sz, y, N, K); break;
-    case 411: launch<4, 1, true>(x, w, sz, y, N, K); break;
-    case 840: launch<8, 4, false>(x, w, sz, y, N, K); break;
-    case 221: launch<2, 2, true>(x, w, sz, y, N, K); break;
+  switch (ks * 10 + u) {
+    case 24: launch<2, 4>(x, w, sz, y, M, N, K); break;
+    case 44: launch<4, 4>(x, w, sz, y, M, N, K); break;
+    case 84: launch<8, 4>(x, w, sz, y, M, N, K); break;
+    case 42: launch<4, 2>(x, w, sz, y, M, N, K); break;
+    case 82: launch<8, 2>(x, w, sz, y, M, N, K); break;
+    case 162: launch<16, 2>(x, w, sz, y, M, N, K); break;
+    case 164: launch<16, 4>(x, w, sz, y, M, N, K); break;
     default: TORCH_CHECK(false, "no such configuration");
   }
   return y;
 }
 """
 
-_CPP = ("torch::Tensor gemv(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t rows, int64_t warps, "
-        "int64_t prefetch);\n"
-        "torch::Tensor gemm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t chunk_rows);")
+_CPP = "torch::Tensor mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t ks, int64_t u, int64_t chunk_rows);"
 
 
 def _build_dir() -> str:
     d = os.environ.get("QUANTSCOPE_KERNEL_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "quantscope", f"int4_gemv_torch{torch.__version__.replace('+', '_')}")
+        os.path.expanduser("~"), ".cache", "quantscope", f"int4_mma_torch{torch.__version__.replace('+', '_')}")
     os.makedirs(d, exist_ok=True)
     return d
 
@@ -387,11 +255,12 @@ def _ext():
     if not (shutil.which("ninja") or _ninja_from_pip()):
         return "ninja is not installed (pip install ninja), so the kernel cannot be compiled"
     major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"the kernel needs bf16 tensor cores (compute capability 8.0 or newer; this GPU has {major}.{minor})"
     try:
         return cpp_extension.load_inline(
-            name="quantscope_int4_gemv", cpp_sources=_CPP, cuda_sources=_SRC, functions=["gemv", "gemm"],
-            extra_cuda_cflags=["-O3", "-ftz=false", "-prec-div=true",
-                               f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
+            name="quantscope_int4_mma", cpp_sources=_CPP, cuda_sources=_SRC, functions=["mm"],
+            extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
             extra_ldflags=["-lcublas"], build_directory=_build_dir(), verbose=False)
     except Exception as e:  # a toolkit too old for this GPU, a compiler error: say it, keep tinygemm
         last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
@@ -416,13 +285,15 @@ def available() -> Optional[str]:
 def why_not(n: int, k: int, group_size: int) -> Optional[str]:
     """None when an N x K layer with this group size can use the kernel, else the reason."""
     if group_size != GROUP:
-        return f"our GEMV takes group size {GROUP}, not {group_size}"
-    if k % BLOCK:
-        return f"our GEMV needs a multiple of {BLOCK} input features, not {k}"
+        return f"our int4 kernel takes group size {GROUP}, not {group_size}"
+    if n % TILE:
+        return f"our int4 kernel needs a multiple of {TILE} output features, not {n}"
+    if k % GROUP:
+        return f"our int4 kernel needs a multiple of {GROUP} input features, not {k}"
     return available()
 
 
-PACK_ROWS = 1024  # rows packed at a time: the int32 temporaries stay small (16 MB at K = 4,096)
+PACK_ROWS = 1024  # rows packed at a time (a multiple of TILE): the int32 temporaries stay small (16 MB at K = 4,096)
 
 
 def pack(q: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -433,31 +304,36 @@ def pack(q: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     if out is None:
         out = torch.empty((n, k // 8), dtype=torch.int32, device=q.device)
     for r in range(0, n, PACK_ROWS):
-        c = q[r:r + PACK_ROWS].to(torch.int32).reshape(-1, k // 8, 8)
-        words = c[:, :, 0].clone()
-        for i in range(1, 8):
-            words |= c[:, :, i] << (4 * i)  # bit 31 may be set: int32 wraps, the bits are what counts
-        rows = c.shape[0]
-        out[r:r + rows] = words.reshape(rows, k // BLOCK, 4, 32).transpose(2, 3).reshape(rows, k // 8)
+        rows = min(PACK_ROWS, n - r)
+        # [tile, row / 8, g, group, i, feature / 8 within 16, t, feature % 2]
+        c = q[r:r + rows].to(torch.int32).reshape(rows // TILE, 2, 8, k // GROUP, 4, 2, 4, 2)
+        # -> [tile, group, g, t, i, nibble]; nibble j = 4 (feature % 2) + 2 (feature / 8 within 16) + row / 8
+        c = c.permute(0, 3, 2, 6, 4, 7, 5, 1).reshape(rows // TILE, k // GROUP, 8, 4, 4, 8)
+        words = c[..., 0].clone()
+        for j in range(1, 8):
+            words |= c[..., j] << (4 * j)  # bit 31 may be set: int32 wraps, the bits are what counts
+        out[r:r + rows] = words.reshape(rows, k // 8)
     return out
 
 
 def unpack(words: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`pack`: [N, K/8] int32 -> [N, K] uint8 codes."""
     n, kw = words.shape
-    w = words.reshape(n, kw // 128, 32, 4).transpose(2, 3).reshape(n, kw, 1)
-    shifts = (4 * torch.arange(8, device=words.device, dtype=torch.int32)).reshape(1, 1, 8)
-    return ((w >> shifts) & 0xF).to(torch.uint8).reshape(n, kw * 8)
+    k = kw * 8
+    shifts = (4 * torch.arange(8, device=words.device, dtype=torch.int32))
+    c = (words.reshape(n // TILE, k // GROUP, 8, 4, 4, 1) >> shifts) & 0xF  # [tile, group, g, t, i, nibble]
+    c = c.reshape(n // TILE, k // GROUP, 8, 4, 4, 2, 2, 2)  # nibble -> (feature % 2, feature / 8, row / 8)
+    return c.permute(0, 7, 2, 1, 4, 6, 3, 5).reshape(n, k).to(torch.uint8)
 
 
 def pack_sz(s: torch.Tensor, z: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """HQQ's scales and zeros [N, K/64] -> bf16 [N, K/64, 2] = (s, (8 - z) * s), computed in fp32 (tinygemm's
-    zero term: half the rounding error of storing ``-z * s``, as the codes' midpoint 8 is taken out exactly);
-    written into ``out`` when given."""
+    """HQQ's scales and zeros [N, K/64] -> bf16 [N, K/64, 2] holding (s, (8 - z) * s) in the kernel's order (per
+    tile and group, rows g and g + 8 together), computed in fp32 (tinygemm's zero term: half the rounding error
+    of storing ``-z * s``, as the codes' midpoint 8 is taken out exactly); written into ``out`` when given."""
     s, z = s.float(), z.float()
     n, g = s.shape
-    sz = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16)  # [N, G, 2], group = 16c + 4j + t
-    sz = sz.reshape(n, g // 16, 4, 4, 2).transpose(2, 3).reshape(n, g, 2)
+    sz = torch.stack([s, (8 - z) * s], dim=-1).to(torch.bfloat16)  # [N, G, 2]
+    sz = sz.reshape(n // TILE, 2, 8, g, 2).permute(0, 3, 2, 1, 4).reshape(n, g, 2)
     if out is None:
         return sz.contiguous()
     out.copy_(sz)
@@ -465,9 +341,9 @@ def pack_sz(s: torch.Tensor, z: torch.Tensor, out: Optional[torch.Tensor] = None
 
 
 def unpack_sz(sz: torch.Tensor) -> torch.Tensor:
-    """The inverse of :func:`pack_sz`'s reordering: [N, G, 2] in group order."""
+    """The inverse of :func:`pack_sz`'s reordering: [N, G, 2] in row and group order."""
     n, g, _ = sz.shape
-    return sz.reshape(n, g // 16, 4, 4, 2).transpose(2, 3).reshape(n, g, 2)
+    return sz.reshape(n // TILE, g, 8, 2, 2).permute(0, 3, 2, 1, 4).reshape(n, g, 2)
 
 
 def dequantize(words: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
@@ -480,22 +356,22 @@ def dequantize(words: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_rows(m: int, k: int) -> int:
-    """How a prompt of ``m`` tokens is multiplied by an N x ``k`` layer: 0 -> ``gemm_int4`` (CUDA cores, the
-    weights read once per 8 tokens); else this many rows at a time are dequantized into a bf16 buffer of at most
+    """How a prompt of ``m`` tokens is multiplied by an N x ``k`` layer: 0 -> ``mma_int4`` (the weights read once
+    per 8 tokens); else this many rows at a time are dequantized into a bf16 buffer of at most
     :data:`DEQUANT_BYTES` that a cuBLAS matmul reads (tensor cores; the buffer stays in L2)."""
     if m < DEQUANT_MIN_TOKENS:
         return 0
     return max(64, DEQUANT_BYTES // (2 * k) // 64 * 64)
 
 
-def gemv(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, rows: int, warps: int, prefetch: int) -> torch.Tensor:
-    """``x2 @ W.T`` for one token x2 [1, K] bf16 on CUDA with the compiled kernel (a configuration of
+def mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int) -> torch.Tensor:
+    """``x2 @ W.T`` for a few tokens x2 [M, K] bf16 on CUDA with the compiled kernel (a configuration of
     :data:`CONFIGS`)."""
-    return _ext().gemv(x2, words, sz, rows, warps, prefetch)
+    return _ext().mm(x2, words, sz, warps, loads, 0)
 
 
 def pick_config(n: int, k: int, device=None, reps: int = 50, timings: Optional[dict] = None,
-                rotate_bytes: int = 96 << 20) -> tuple[int, int, int]:
+                rotate_bytes: int = 96 << 20) -> tuple[int, int]:
     """The fastest of :data:`CONFIGS` for an N x K layer on this GPU, timed on random codes in a CUDA graph
     (``timings``, if given, receives seconds per call for each configuration). The graph cycles through copies of
     the weights adding up to ``rotate_bytes`` (more than the L2 cache), as a model's layers do: a small matrix
@@ -513,13 +389,13 @@ def pick_config(n: int, k: int, device=None, reps: int = 50, timings: Optional[d
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):
             for i in range(copies):
-                gemv(x, ws[i], szs[i], *cfg)
+                mm(x, ws[i], szs[i], *cfg)
         torch.cuda.current_stream(dev).wait_stream(s)
         g = torch.cuda.CUDAGraph()
         # thread_local: on a shared server another thread may be decoding on this GPU while a model loads
         with torch.cuda.graph(g, stream=s, capture_error_mode="thread_local"):
             for i in range(calls):
-                gemv(x, ws[i % copies], szs[i % copies], *cfg)
+                mm(x, ws[i % copies], szs[i % copies], *cfg)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g.replay()
         a.record()
@@ -537,24 +413,21 @@ def pick_config(n: int, k: int, device=None, reps: int = 50, timings: Optional[d
     return best
 
 
-def _mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, rows: int, warps: int,
-        prefetch: int) -> torch.Tensor:
-    """``x2 @ W.T`` for x2 [M, K] bf16 contiguous: one token -> the GEMV, a prompt -> ``gemm``."""
-    if x2.data_ptr() % 16:  # the kernels read the input 16 bytes at a time
+def _mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int) -> torch.Tensor:
+    """``x2 @ W.T`` for x2 [M, K] bf16 contiguous: a few tokens -> ``mma_int4``, a long prompt -> cuBLAS on
+    dequantized rows."""
+    if x2.data_ptr() % 16:  # the kernel reads the input 4 bytes at a time, cuBLAS prefers 16
         x2 = x2.clone()
-    if x2.shape[0] == 1:
-        return _ext().gemv(x2, words, sz, rows, warps, prefetch)
-    return _ext().gemm(x2, words, sz, chunk_rows(x2.shape[0], x2.shape[1]))
+    return _ext().mm(x2, words, sz, warps, loads, chunk_rows(x2.shape[0], x2.shape[1]))
 
 
-@torch.library.custom_op("quantscope::int4_gemv", mutates_args=())
-def _int4_mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, rows: int, warps: int,
-             prefetch: int) -> torch.Tensor:
-    return _mm(x2, words, sz, rows, warps, prefetch)
+@torch.library.custom_op("quantscope::int4_mma", mutates_args=())
+def _int4_mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int) -> torch.Tensor:
+    return _mm(x2, words, sz, warps, loads)
 
 
 @_int4_mm.register_fake
-def _(x2, words, sz, rows, warps, prefetch):
+def _(x2, words, sz, warps, loads):
     return x2.new_empty((x2.shape[0], words.shape[0]))
 
 
@@ -563,18 +436,18 @@ def _apply(x, words, sz, bias, config):
     shape = x.shape
     # the custom op is for torch.compile (the decode step); called eagerly (a prompt), its wrapper's host time
     # would add up over the hundreds of calls of a prefill
-    mm = torch.ops.quantscope.int4_gemv if torch.compiler.is_compiling() else _mm
-    y = mm(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), words, sz, *config)
+    op = torch.ops.quantscope.int4_mma if torch.compiler.is_compiling() else _mm
+    y = op(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), words, sz, *config)
     if bias is not None:
         y = y + bias
     return y.reshape(*shape[:-1], int(words.shape[0]))
 
 
 class GemvInt4Linear(torch.nn.Module):
-    """``y = x @ W.T + b`` with W in this kernel's layout (one token: the GEMV; a prompt: the same arithmetic,
-    each block applying its weights to 8 tokens at a time)."""
+    """``y = x @ W.T + b`` with W in this kernel's layout (a few tokens: ``mma_int4``, 8 tokens per block; a long
+    prompt: cuBLAS on dequantized rows)."""
 
-    def __init__(self, words, sz, in_features: int, bias, config: tuple[int, int, int]):
+    def __init__(self, words, sz, in_features: int, bias, config: tuple[int, int]):
         super().__init__()
         self.in_features, self.out_features = in_features, int(words.shape[0])
         self.group_size = GROUP
@@ -588,20 +461,20 @@ class GemvInt4Linear(torch.nn.Module):
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP}, "
-                f"kernel=QuantScope int4 GEMV (rows, warps, prefetch per block: {self.config})")
+                f"kernel=QuantScope int4 GEMV (tensor cores; warps, groups loaded together: {self.config})")
 
 
 _PICKED: dict = {}
 
 
-def from_codes(q, s, z, bias=None, config: Optional[tuple[int, int, int]] = None) -> GemvInt4Linear:
+def from_codes(q, s, z, bias=None, config: Optional[tuple[int, int]] = None) -> GemvInt4Linear:
     """A :class:`GemvInt4Linear` from codes ``q`` [N, K] (0..15) and HQQ's scales and zeros [N, K/64]; the
     launch configuration is timed once per shape and device in this process (:func:`pick_config`)."""
     n, k = q.shape
     return GemvInt4Linear(pack(q), pack_sz(s, z), k, bias, config or _config(n, k, q.device))
 
 
-def _config(n: int, k: int, device) -> tuple[int, int, int]:
+def _config(n: int, k: int, device) -> tuple[int, int]:
     key = (n, k, str(device))
     if key not in _PICKED:
         _PICKED[key] = pick_config(n, k, device)
