@@ -94,12 +94,13 @@ def context_row(loaded, spec, quant, ctx: int, weights_alloc: int) -> dict:
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base + weights_alloc
     nv = nvml_process_bytes()
+    reserved = torch.cuda.memory_reserved()  # what NVML sees of PyTorch's allocator: in use or cached
     runtime = backend_of(loaded).runtime_spec(loaded, ctx + 16)
     est = estimate(spec, quant, runtime)
     pred_peak = est.total_bytes - est.overhead_bytes
     del ids
     return dict(context=ctx, peak_allocated=peak, peak_predicted=pred_peak, peak_err=(pred_peak - peak) / peak,
-                nvml_process=nv, predicted_total=est.total_bytes,
+                nvml_process=nv, reserved=reserved, predicted_total=est.total_bytes,
                 nvml_err=None if not nv else (est.total_bytes - nv) / nv, kv_predicted=est.kv_cache_bytes,
                 kv_context=runtime.context, activations_predicted=est.activations_bytes,
                 overhead_predicted=est.overhead_bytes)

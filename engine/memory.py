@@ -123,8 +123,9 @@ def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, t
         if q.method not in ("bnb4", "int8", "hqq"):
             return act + logits
         if q.method == "hqq" and q.fast:
-            # Each projection of a prompt on its own (no stacked sibling outputs: int4_cuda._Fused.part), so the
-            # MLP's 3I peak holds; measured on an H200 (docs/benchmarks.md, issue 8).
+            # Each projection of a prompt on its own (no stacked sibling outputs: int4_cuda._Fused.part; a fused
+            # gated MLP's SiLU * up in place in its gate/up output: int4_cuda.silu_mul), so the MLP's 3I peak
+            # holds; measured on an H200 (docs/benchmarks.md, issue 8).
             return act + (FAST_INT4_DEQUANT_BYTES if device == "cuda" else 0) + logits
         layers = [t for t in model.tensors if t.linear and t.layer is not None]
         largest = max((t.numel for t in layers), default=0)

@@ -396,18 +396,57 @@ def test_int4_gemv_says_what_it_cannot_take():
         assert ic.why_not(1536, 576, 64) == ic.why_not(4096, 4096, 64) == ic.available() == "no CUDA device"
 
 
-def test_our_gemv_layers_and_fused_siblings_route_rows_right(monkeypatch):
+class _ReferenceKernel:
+    """The CUDA extension's ``mm`` (engine/backends/int4_cuda.py) as PyTorch on CPU, where the kernel cannot run:
+    ``x @ dequantize(W).T`` in fp32, rounded to bf16 where the kernel rounds. Decode calls (``chunk_rows`` 0) may
+    fold in an RMSNorm (x comes times the norm's weight; the sums are scaled by ``rsqrt(mean(x^2) + eps)`` from
+    the partial sums of squares ``norm_part``), a residual add (``res + bf16(y)``, and with ``next_w`` the next
+    norm's input: ``bf16(y * next_w)`` and y's partial sums of squares) or SiLU(gate) * up of rows interleaved 8 by
+    8; ``calls`` records each call's (tokens, norm, residual, next_w, act)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def mm(self, x, w, sz, warps, loads, chunk_rows, norm_part, eps, residual, next_w, act):
+        from engine.backends import int4_cuda as ic
+
+        assert (warps, loads) == (4, 2) and chunk_rows == ic.chunk_rows(x.shape[0], x.shape[1])
+        fusions = (norm_part is not None, residual is not None, next_w is not None, act)
+        assert not chunk_rows or not any(fusions)
+        self.calls.append((x.shape[0], *fusions))
+        y = x.float() @ ic.dequantize(w, sz).float().T
+        if norm_part is not None:
+            y = y * torch.rsqrt(norm_part.sum(0) / x.shape[1] + eps)[:, None]
+        y = y.to(torch.bfloat16)
+        if act:
+            v = y.float().unflatten(-1, (-1, 2, 8))
+            a = torch.nn.functional.silu(v[..., 0, :]).to(torch.bfloat16).float()
+            return [(a * v[..., 1, :]).flatten(-2).to(torch.bfloat16)]
+        if residual is not None:
+            y = (residual.float() + y.float()).to(torch.bfloat16)
+        if next_w is None:
+            return [y]
+        return [y, (y.float() * next_w.float()).to(torch.bfloat16),
+                y.float().pow(2).reshape(y.shape[0], -1, 16).sum(-1).T.contiguous()]
+
+
+@pytest.fixture()
+def reference_kernel(monkeypatch):
+    """Our CUDA GEMV's Python side on CPU: the extension replaced by :class:`_ReferenceKernel`, every layer shape
+    on launch configuration (4, 2)."""
+    from engine.backends import int4_cuda as ic
+
+    ref = _ReferenceKernel()
+    monkeypatch.setattr(ic, "_ext", lambda: ref)
+    monkeypatch.setattr(ic, "_config", lambda n, k, device, mode="": (4, 2))
+    return ref
+
+
+def test_our_gemv_layers_and_fused_siblings_route_rows_right(reference_kernel):
     """The Python side of the CUDA GEMV on CPU: the kernel is absent here (no GPU), so the extension is replaced by
     its reference arithmetic (x @ dequantize(W).T); the layers, biases and the q/k/v fusion around it are real."""
     from engine.backends import int4_cuda as ic
 
-    class Reference:
-        def mm(self, x, w, sz, warps, loads, chunk_rows):
-            assert (warps, loads) == (4, 2) and chunk_rows == ic.chunk_rows(x.shape[0], x.shape[1])
-            return (x.float() @ ic.dequantize(w, sz).float().T).to(torch.bfloat16)
-
-    monkeypatch.setattr(ic, "_ext", lambda: Reference())
-    monkeypatch.setattr(ic, "_config", lambda n, k, device: (4, 2))
     mod = torch.nn.Module()
     names, hs = ("q_proj", "k_proj", "v_proj"), []
     for name, out_f, seed in zip(names, (64, 16, 16), (1, 2, 3)):
@@ -438,6 +477,183 @@ def test_our_gemv_layers_and_fused_siblings_route_rows_right(monkeypatch):
                 assert torch.equal(a, b)
             for a, b in zip(want[::-1], alone):
                 assert torch.equal(a, b)
+
+
+def test_gate_and_up_rows_are_interleaved_eight_by_eight_and_the_kernel_output_is_silu_gate_times_up(
+        reference_kernel):
+    from engine.backends import int4_cuda as ic
+
+    gate, up = _hqq(256, ic.PACK_ROWS + 48, seed=4), _hqq(256, ic.PACK_ROWS + 48, seed=5)  # a ragged pack chunk
+    lin = ic.gate_up_from_codes(int4.codes(gate), int4.codes(up))
+    qg, qu = int4.codes(gate)[0], int4.codes(up)[0]
+    got = ic.unpack(lin.words)
+    assert got.shape == (2 * qg.shape[0], 256) and lin.mode == "act" and lin.out_features == qg.shape[0]
+    for tile in (0, 3, got.shape[0] // 16 - 1):
+        assert torch.equal(got[16 * tile:16 * tile + 8], qg[8 * tile:8 * tile + 8])
+        assert torch.equal(got[16 * tile + 8:16 * tile + 16], qu[8 * tile:8 * tile + 8])
+    sz_g, sz_u = (ic.unpack_sz(ic.pack_sz(*int4.codes(h)[1:3])) for h in (gate, up))
+    assert torch.equal(ic.unpack_sz(lin.sz), ic.interleave8(sz_g, sz_u))
+    with torch.inference_mode():
+        for tokens in (1, 5, ic.DEQUANT_MIN_TOKENS):  # the kernel's epilogue; a prompt's PyTorch ops (silu_mul)
+            x = torch.randn(tokens, 256, dtype=torch.bfloat16)
+            g = (x.float() @ gate.dequantize().float().T).to(torch.bfloat16)
+            u = (x.float() @ up.dequantize().float().T).to(torch.bfloat16)
+            want = torch.nn.functional.silu(g) * u
+            y = lin(x)
+            assert y.shape == want.shape
+            assert (y.float() - want.float()).abs().max().item() < 0.02 * want.float().abs().max().item(), tokens
+    with pytest.raises(ValueError, match="same shape"):
+        ic.gate_up_from_codes(int4.codes(gate), int4.codes(_hqq(256, 64)))
+
+
+def test_a_norm_input_and_its_partial_sums_give_transformers_rmsnorm():
+    """What a fused GEMV is given for an RMSNorm (int4_cuda.norm_input: x * weight and 16-feature sums of squares)
+    and the factor it applies (rms_scale) make transformers' LlamaRMSNorm, within bf16 rounding."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from engine.backends import int4_cuda as ic
+
+    norm = LlamaRMSNorm(576, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576) + 0.5)
+    h = (torch.randn(2, 3, 576) * 4).to(torch.bfloat16)
+    xn, part = ic.norm_input(h, norm.weight)
+    assert xn.shape == h.shape and part.shape == (576 // 16, 6) and part.dtype == torch.float32
+    assert torch.equal(part.sum(0), h.float().pow(2).sum(-1).reshape(6)) or \
+        torch.allclose(part.sum(0), h.float().pow(2).sum(-1).reshape(6), rtol=1e-6)
+    got = xn.reshape(6, 576).float() * ic.rms_scale(part, 576, 1e-5)
+    want = norm(h).reshape(6, 576).float()
+    assert (got - want).abs().max().item() <= 2 ** -7 * want.abs().max().item()
+
+
+def _tiny(arch: str):
+    import transformers as tf
+
+    cfg = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+               num_hidden_layers=2, vocab_size=320, max_position_embeddings=256, rms_norm_eps=1e-5)
+    config = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch](**cfg)
+    torch.manual_seed(11)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    with torch.no_grad():  # norms away from 1, so a norm weight applied twice or not at all shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+    return model
+
+
+def _quantized_copies(model):
+    """(the model with every projection replaced by HQQ's dequantized weight in a plain Linear: the plain path's
+    arithmetic; HQQ codes of each projection by module name)."""
+    import copy
+
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    plain, hqq = copy.deepcopy(model), {}
+    for name, mod in list(plain.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
+                h = HQQLinear(child, BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.bfloat16,
+                              device="cpu", del_orig=False)
+                hqq[f"{name}.{child_name}"] = h
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                lin = lin.to(torch.bfloat16)
+                with torch.no_grad():
+                    lin.weight.copy_(h.dequantize())
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias)
+                setattr(mod, child_name, lin)
+    return plain, hqq
+
+
+def _on_our_gemv(model, hqq, fuse_layers: bool):
+    """A copy of ``model`` on our GEMV as ``int4.convert`` builds it on CUDA: q/k/v stacked, gated MLP, o_proj;
+    with ``fuse_layers`` the decoder layers fused too."""
+    import copy
+
+    from engine.backends import int4_cuda as ic
+    from engine.backends import int4_fusion as fu
+
+    ours = copy.deepcopy(model)
+    for i, layer in enumerate(ours.model.layers):
+        p = f"model.layers.{i}"
+        attn = layer.self_attn
+        ic.fuse_codes(attn, ("q_proj", "k_proj", "v_proj"), [hqq[f"{p}.self_attn.{n}"].meta["shape"][0]
+                      for n in ("q_proj", "k_proj", "v_proj")],
+                      (int4.codes(hqq[f"{p}.self_attn.{n}"]) for n in ("q_proj", "k_proj", "v_proj")))
+        attn.o_proj = ic.from_codes(*int4.codes(hqq[f"{p}.self_attn.o_proj"]))
+        layer.mlp = fu.gated_mlp(*(int4.codes(hqq[f"{p}.mlp.{n}"]) for n in ("gate_proj", "up_proj", "down_proj")))
+        assert fu.why_not_layer(layer) is None
+    if fuse_layers:
+        assert fu.fuse_decoder_layers(ours) == (len(ours.model.layers), {})
+        assert fu.fuse_decoder_layers(ours) == (0, {})  # fused layers are not fused again
+    return ours
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_a_fused_decoder_layer_computes_what_transformers_layer_computes(arch, reference_kernel, monkeypatch):
+    """Norms, residual adds and SiLU * up folded into the GEMV (engine/backends/int4_fusion.py), on the kernel's
+    reference arithmetic: the whole model's logits match the plain path's (same 4-bit weights, transformers'
+    layers) as closely as our GEMV without the layer fusion does, for decode-sized inputs (the kernel's fused
+    epilogues) and a prompt (PyTorch's ops around cuBLAS); each fused layer makes 4 kernel calls, and hands the
+    next layer its norm's input."""
+    from engine.backends import int4_fusion as fu
+
+    from engine.backends import int4_cuda as ic
+
+    norm_inputs, norm_input = [], ic.norm_input
+    monkeypatch.setattr(ic, "norm_input", lambda h, w: norm_inputs.append(1) or norm_input(h, w))
+    model = _tiny(arch)
+    plain, hqq = _quantized_copies(model)
+    unfused, fused = _on_our_gemv(model, hqq, False), _on_our_gemv(model, hqq, True)
+    assert type(fused.model.layers[0]).__name__ == "Fused" + type(model.model.layers[0]).__name__
+    assert isinstance(fused.model.layers[0].self_attn.o_proj, fu.AddsResidual)
+    rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
+    with torch.inference_mode():
+        for tokens in (1, 5, 40):
+            ids = torch.randint(0, 320, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+            want = plain(input_ids=ids, use_cache=False, output_hidden_states=True)
+            base = unfused(input_ids=ids, use_cache=False, output_hidden_states=True)
+            reference_kernel.calls.clear()
+            norm_inputs.clear()
+            got = fused(input_ids=ids, use_cache=False, output_hidden_states=True)
+            # the first layer's norm input from PyTorch's ops, the second's handed over by the first's down (a
+            # prompt's o and down projections prepare the next norm's input with the same function: 3 more)
+            assert len(norm_inputs) == (1 if tokens < 32 else 4), (tokens, len(norm_inputs))
+            if tokens < 32:  # decode sizes: the fused kernel calls, 4 per layer
+                t = tokens
+                layer = [(t, True, False, False, False), (t, False, True, True, False), (t, True, False, False, True)]
+                assert reference_kernel.calls == layer + [(t, False, True, True, False)] + layer + \
+                    [(t, False, True, False, False)]  # the last layer's down prepares no next norm
+            # every layer's output (and the logits) as close to the plain path's as without the layer fusion, up
+            # to half more rounding (a prompt rounds the weighted norm input, then the normalized one; a 1% error
+            # in one residual add doubles layer 0's)
+            for h_got, h_base, h_want in zip(got.hidden_states + (got.logits,), base.hidden_states + (base.logits,),
+                                             want.hidden_states + (want.logits,)):
+                assert rel(h_got, h_want) <= 1.5 * rel(h_base, h_want) + 1e-3, (tokens, rel(h_got, h_want),
+                                                                                  rel(h_base, h_want))
+            agree = (got.logits.argmax(-1) == want.logits.argmax(-1)).float().mean().item()
+            assert agree >= 0.8, (tokens, agree)
+
+
+def test_only_layers_written_like_llamas_are_fused():
+    """The allowlist (int4_fusion.LAYERS/MLPS/NORMS) names classes whose forward is Llama's in the installed
+    transformers: if one changes, the allowlist must."""
+    import inspect
+    import importlib
+
+    from engine.backends import int4_fusion as fu
+
+    def cls(name):
+        arch = name.removesuffix("DecoderLayer").removesuffix("MLP").removesuffix("RMSNorm").lower()
+        return getattr(importlib.import_module(f"transformers.models.{arch}.modeling_{arch}"), name)
+
+    for group in (fu.LAYERS, fu.MLPS, fu.NORMS):
+        sources = {inspect.getsource(cls(n).forward) for n in group}
+        assert len(sources) == 1, group
+    assert fu.why_not_layer(torch.nn.Linear(2, 2)) == "Linear is not a Llama-style decoder layer"
+    layer = _tiny("llama").model.layers[0]
+    assert fu.why_not_layer(layer) == "q/k/v are not one int4 GEMV"
+    assert fu.mlp_fusable(layer.mlp)
 
 
 def test_every_runner_of_a_model_knows_it_is_on_our_attention(models):

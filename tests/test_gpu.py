@@ -279,6 +279,64 @@ def test_our_int4_gemv_computes_what_hqq_dequantizes_and_fuses_siblings():
     assert torch.equal(alone[0], got[2]) and torch.equal(alone[1], got[1])
 
 
+def test_our_int4_gemv_folds_in_the_norm_the_residual_add_and_silu_times_up():
+    """The fusions of engine/backends/int4_fusion.py in the kernel, at an 8B's shapes, against the same kernel
+    without them followed by PyTorch's ops: the residual add rounds as the separate add does (bit for bit) and
+    writes the next norm's input (x * weight bit for bit, the sums of squares up to their order); SiLU(gate) * up
+    within one bf16 step (expf vs PyTorch's exp); the norm scales the sums instead of the input (close, not
+    equal); a prompt's path (PyTorch's ops around cuBLAS) agrees with the kernel's."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    from engine.backends import int4, int4_cuda as ic
+
+    why = ic.available()
+    if why:
+        pytest.skip(why)
+    torch.manual_seed(1)
+
+    def hqq_codes(in_f, out_f):
+        lin = torch.nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
+        return int4.codes(HQQLinear(lin, BaseQuantizeConfig(nbits=4, group_size=64), compute_dtype=torch.bfloat16,
+                                    device="cuda"))
+
+    def close(got, want, rel):
+        return (got.float() - want.float()).abs().max().item() <= rel * want.float().abs().max().item()
+
+    gate, up, down = hqq_codes(4096, 14336), hqq_codes(4096, 14336), hqq_codes(14336, 4096)
+    gate_up = ic.gate_up_from_codes(gate, up)
+    g_lin, u_lin, d_lin = ic.from_codes(*gate), ic.from_codes(*up), ic.from_codes(*down)
+    norm_w = (torch.rand(4096, device="cuda") + 0.5).to(torch.bfloat16)
+    for m in (1, 3, 9, ic.DEQUANT_MIN_TOKENS + 4):
+        decode = m < ic.DEQUANT_MIN_TOKENS
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) * 3
+        with torch.inference_mode():
+            # SiLU(gate) * up from interleaved rows = the separate layers' outputs through PyTorch's ops
+            want = torch.nn.functional.silu(g_lin(x)) * u_lin(x)
+            got = gate_up(x)
+            if decode:
+                diff = (got.float() - want.float()).abs()
+                assert (diff <= 2 ** -7 * want.float().abs() + 1e-3 * want.float().abs().max()).all(), m
+                assert (got != want).float().mean().item() < 0.01, m
+            else:
+                assert close(got, want, 0.01), m
+            # the residual add, and the next norm's input
+            h = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) * 2
+            a = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
+            want = h + d_lin(a)
+            got = d_lin(a, residual=h)
+            assert torch.equal(got, want) if decode else close(got, want, 0.01), m
+            y, xn, part = d_lin(a, residual=h, next_w=norm_w)
+            assert torch.equal(y, got) and torch.equal(xn, y * norm_w), m
+            assert part.shape == (4096 // 16, m) and torch.allclose(part, ic.squares(y), rtol=1e-5), m
+            # the RMSNorm, with and without SiLU * up: against the normalized input in fp32
+            xn, part = ic.norm_input(x, norm_w)
+            ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * norm_w.float()
+            ref_g = ref @ ic.dequantize(g_lin.words, g_lin.sz).float().T
+            ref_u = ref @ ic.dequantize(u_lin.words, u_lin.sz).float().T
+            assert close(g_lin(xn, norm=(part, 1e-5)), ref_g, 0.01), m
+            assert close(gate_up(xn, norm=(part, 1e-5)), torch.nn.functional.silu(ref_g) * ref_u, 0.02), m
+
+
 def test_reloading_a_fast_model_reuses_its_streams_and_leaves_no_memory_behind(checkpoint):
     """PyTorch keeps a cuBLAS workspace per stream it ever ran on: a fast runner's streams come from a pool, so
     loading, running and unloading a fast model again and again does not grow the process."""

@@ -129,7 +129,8 @@ class Conversion(NamedTuple):
 def convert(model, device: str) -> Conversion:
     """Replace every convertible ``HQQLinear`` of ``model`` in place: on CUDA by our own GEMV
     (:mod:`engine.backends.int4_cuda`) where it can be built and takes the layer's shape -- sibling projections
-    (q/k/v, gate/up) stacked into one call each -- else by an ``Int4Linear`` (tinygemm).
+    (q/k/v, gate/up) stacked into one call each; Llama-style MLPs and decoder layers with their small kernels
+    folded in (:mod:`engine.backends.int4_fusion`) -- else by an ``Int4Linear`` (tinygemm).
 
     Returns a :class:`Conversion`."""
     from hqq.core.quantize import HQQLinear
@@ -145,11 +146,25 @@ def convert(model, device: str) -> Conversion:
         out_f, in_f = (int(d) for d in layer.meta["shape"])
         return ours.why_not(out_f, in_f, int(layer.meta["group_size"]))
 
+    def all_ours(layers) -> bool:
+        return all(isinstance(x, HQQLinear) and why_not(x, device) is None and why_ours(x) is None for x in layers)
+
+    fusion = None
+    if ours:
+        from . import int4_fusion
+
+        fusion = int4_fusion if int4_fusion.wanted() else None
+    for parent in list(model.modules()) if fusion else ():
+        for name, mlp in list(parent.named_children()):
+            projs = [getattr(mlp, nm, None) for nm in ("gate_proj", "up_proj", "down_proj")]
+            if (fusion.mlp_fusable(mlp) and all_ours(projs) and all(x.bias is None for x in projs)
+                    and projs[0].meta["shape"] == projs[1].meta["shape"]):
+                setattr(parent, name, fusion.gated_mlp(*(codes(x) for x in projs)))
+                done, fused, kernels["ours"] = done + 3, fused + 1, kernels["ours"] + 3
     for parent in list(model.modules()):
         for names in ours.SIBLINGS if ours else ():
             layers = [getattr(parent, nm, None) for nm in names]
-            if not all(isinstance(x, HQQLinear) and why_not(x, device) is None and why_ours(x) is None
-                       for x in layers):
+            if not all_ours(layers):
                 continue
             if len({int(x.meta["shape"][1]) for x in layers}) != 1 or len({x.bias is None for x in layers}) != 1:
                 continue
@@ -178,6 +193,11 @@ def convert(model, device: str) -> Conversion:
     if kernels["ours"]:
         notes.append(f"{kernels['ours']} layers on QuantScope's int4 GEMV (CUDA; {fused} q/k/v and gate/up groups "
                      f"fused)")
+    if fusion:
+        layers, left = fusion.fuse_decoder_layers(model)
+        if layers:
+            notes.append(f"{layers} decoder layers with their RMSNorms, residual adds and SiLU * up inside the GEMVs")
+        notes += [f"{n} decoder layer(s) not fused: {why}" for why, n in left.items()]
     if kernels["tinygemm"]:
         notes.append(f"{kernels['tinygemm']} layers on PyTorch's int4 kernel (tinygemm)" +
                      "".join(f"; not on ours: {w} ({n})" for w, n in why_tiny.items()))

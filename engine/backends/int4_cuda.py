@@ -25,6 +25,9 @@ bf16 zero term per group of 64 input features):
 - ``sz`` bf16, stored as [N, K/64, 2], in tile order: per tile and group, for g = 0..7, ``(s, (8 - z) s)`` of rows
   ``g`` and ``g + 8`` (one 8-byte load per lane group).
 
+Folded into a decode call where a Llama-style decoder layer allows (:data:`MODES`, :mod:`engine.backends.int4_fusion`):
+an RMSNorm of the input, the residual add (with the next norm's input), SiLU(gate) * up.
+
 Requires N a multiple of 16 and K a multiple of 64 (group size 64); other layers keep tinygemm (:func:`why_not`).
 Compiled at first use with ``torch.utils.cpp_extension.load_inline`` (needs nvcc and ninja; ~50 s, cached in
 ``~/.cache/quantscope`` or ``QUANTSCOPE_KERNEL_CACHE``); where either is missing, :func:`why_not` says so and
@@ -80,17 +83,41 @@ __device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uin
 #define MAGIC 0x43004300u
 #define ONES 0x3F803F80u
 
+
 // A block per tile of 16 rows and 8 tokens (grid y); KS warps split the tile's groups; U groups' loads are issued
-// together. x [M, K] bf16 (4-byte aligned rows), y [M, N].
-template <int KS, int U>
-__global__ void __launch_bounds__(32 * KS) mma_int4(const __nv_bfloat16* __restrict__ x,
-    const uint4* __restrict__ W, const uint2* __restrict__ SZ, __nv_bfloat16* __restrict__ y, int M, int N, int K) {
+// together. x [M, K] bf16 (4-byte aligned rows), y [M, N] (N / 2 with act).
+// Folded in (engine/backends/int4_fusion.py), none of it in the loop over the weights:
+// - norm_part (not null): x is the residual stream times the RMSNorm's weight, norm_part [P, M] fp32 partial sums
+//   of the stream's squares (P slices of 16 features, written by the layer that produced it); each token's sums
+//   are scaled by rsqrt(sum / K + eps) (a per-token factor commutes with the product);
+// - res (not null): y = res + bf16(sum), rounded as the separate add rounds; with next_w also xn = bf16(y *
+//   next_w) (the next norm's input) and part_out [N / 16, M]: the sum of y^2 over this tile's 16 rows;
+// - act: tile rows 0-7 are gate rows and 8-15 the matching up rows (gate_up_from_codes interleaves them),
+//   y = bf16(silu(bf16(gate))) * bf16(up), rounded as the separate ops round.
+template <int KS, int U, bool NORM>
+__device__ __forceinline__ void mma_int4_body(const __nv_bfloat16* __restrict__ x,
+    const uint4* __restrict__ W, const uint2* __restrict__ SZ, __nv_bfloat16* __restrict__ y, int M, int N, int K,
+    const float* __restrict__ norm_part, int P, float eps, const __nv_bfloat16* __restrict__ res,
+    const __nv_bfloat16* __restrict__ next_w, __nv_bfloat16* __restrict__ xn, float* __restrict__ part_out,
+    bool act) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x, m0 = blockIdx.y * 8, G = K >> 6;
   const int per = (G + KS - 1) / KS, g0 = warp * per, g1 = min(G, g0 + per);
   const uint32_t* xr = reinterpret_cast<const uint32_t*>(x + (size_t)min(m0 + g, M - 1) * K) + t;
   const uint4* wp = W + (size_t)tile * G * 32 + lane;
   const uint2* sp = SZ + (size_t)tile * G * 8 + g;
+  // NORM: the first token's partial sums of squares are loaded before the weights, spread over the warps (warp w,
+  // lane l: slices 32 (q KS + w) + l; a few registers: holding 8 per lane slowed an 8B's gate+up by 3 µs, summing
+  // them after the loop from shared memory by 4 µs); each warp reduces its share after the loop
+  constexpr int QN = NORM ? (256 + 32 * KS - 1) / (32 * KS) : 1;
+  float np[QN];
+  if (NORM) {
+#pragma unroll
+    for (int q = 0; q < QN; ++q) {
+      const int p = (q * KS + warp) * 32 + lane;
+      np[q] = p < P ? __ldg(norm_part + (size_t)p * M + m0) : 0.f;
+    }
+  }
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int b = g0; b < g1; b += U) {
     uint4 wv[U];
@@ -130,20 +157,83 @@ __global__ void __launch_bounds__(32 * KS) mma_int4(const __nv_bfloat16* __restr
   }
   const int n0 = tile * 16;
   __shared__ float red[KS][8][16];
+  __shared__ float ssq[NORM ? KS : 1][8];
   red[warp][2 * t][g] = acc[0];
   red[warp][2 * t + 1][g] = acc[1];
   red[warp][2 * t][g + 8] = acc[2];
   red[warp][2 * t + 1][g + 8] = acc[3];
-  __syncthreads();
-  for (int i = threadIdx.x; i < 128; i += 32 * KS) {
-    const int c = i >> 4, r = i & 15;
-    if (m0 + c < M) {
-      float s = 0.f;
+  if (NORM) {  // this warp's share of each token's sum of squares
+    const int mb = min(8, M - m0);
+    for (int c = 0; c < mb; ++c) {
+      float v = 0.f;
+      if (c == 0) {
 #pragma unroll
-      for (int k = 0; k < KS; ++k) s += red[k][c][r];
-      y[(size_t)(m0 + c) * N + n0 + r] = __float2bfloat16(s);
+        for (int q = 0; q < QN; ++q) v += np[q];
+      }
+      for (int p = ((c == 0 ? QN : 0) * KS + warp) * 32 + lane; p < P; p += 32 * KS)
+        v += __ldg(norm_part + (size_t)p * M + m0 + c);
+#pragma unroll
+      for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) ssq[NORM ? warp : 0][c] = v;
     }
   }
+  __syncthreads();
+  const int outs = act ? 64 : 128;
+  for (int i = threadIdx.x; i < outs; i += 32 * KS) {  // whole warps: 64 and 128 are multiples of 32
+    const int c = act ? i >> 3 : i >> 4, r = act ? i & 7 : i & 15;
+    const bool ok = m0 + c < M;
+    float scale = 1.f;
+    if (NORM && ok) {
+      float ss = 0.f;
+#pragma unroll
+      for (int k = 0; k < KS; ++k) ss += ssq[NORM ? k : 0][c];
+      scale = rsqrtf(ss / K + eps);
+    }
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < KS; ++k) s += red[k][c][r];
+    if (act) {
+      float s2 = 0.f;
+#pragma unroll
+      for (int k = 0; k < KS; ++k) s2 += red[k][c][r + 8];
+      const float gate = __bfloat162float(__float2bfloat16(s * scale));
+      const float up = __bfloat162float(__float2bfloat16(s2 * scale));
+      const float a = __bfloat162float(__float2bfloat16(gate / (1.f + expf(-gate))));
+      if (ok) y[(size_t)(m0 + c) * (N / 2) + tile * 8 + r] = __float2bfloat16(a * up);
+      continue;
+    }
+    __nv_bfloat16 v = __float2bfloat16(s * scale);
+    if (res && ok) v = __float2bfloat16(__bfloat162float(res[(size_t)(m0 + c) * N + n0 + r]) + __bfloat162float(v));
+    if (ok) y[(size_t)(m0 + c) * N + n0 + r] = v;
+    if (part_out) {  // lanes 16h .. 16h + 15 hold token c's 16 rows
+      const float f = __bfloat162float(v);
+      float q = ok ? f * f : 0.f;
+#pragma unroll
+      for (int o = 8; o; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);
+      if (ok) {
+        xn[(size_t)(m0 + c) * N + n0 + r] = __float2bfloat16(f * __bfloat162float(next_w[n0 + r]));
+        if (r == 0) part_out[(size_t)tile * M + m0 + c] = q;
+      }
+    }
+  }
+}
+
+#define MMA_INT4_ARGS const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ W, \
+    const uint2* __restrict__ SZ, __nv_bfloat16* __restrict__ y, int M, int N, int K, \
+    const float* __restrict__ norm_part, int P, float eps, const __nv_bfloat16* __restrict__ res, \
+    const __nv_bfloat16* __restrict__ next_w, __nv_bfloat16* __restrict__ xn, float* __restrict__ part_out, bool act
+#define MMA_INT4_PASS x, W, SZ, y, M, N, K, norm_part, P, eps, res, next_w, xn, part_out, act
+
+template <int KS, int U>
+__global__ void __launch_bounds__(32 * KS) mma_int4(MMA_INT4_ARGS) {
+  mma_int4_body<KS, U, false>(MMA_INT4_PASS);
+}
+
+// with the norm: at most ~80 registers (the plain kernel's 4 x 4 and 8 x 4 use 78; the norm's few more would cost
+// a block per SM there)
+template <int KS, int U>
+__global__ void __launch_bounds__(32 * KS, 65536 / (32 * KS * 80)) mma_int4_norm(MMA_INT4_ARGS) {
+  mma_int4_body<KS, U, true>(MMA_INT4_PASS);
 }
 
 // Rows [r0, r0 + rows) of W (whole tiles) -> a bf16 [rows, K] matrix in the usual layout: a thread per lane's 16
@@ -174,28 +264,52 @@ __global__ void dequant_int4(const uint4* __restrict__ W, const uint2* __restric
   }
 }
 
+struct Fusions {
+  const float* norm_part;
+  int P;
+  float eps;
+  const __nv_bfloat16* res;
+  const __nv_bfloat16* next_w;
+  __nv_bfloat16* xn;
+  float* part_out;
+  bool act;
+};
+
 template <int KS, int U>
 static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, torch::Tensor& y,
-                   int M, int N, int K) {
+                   int M, int N, int K, const Fusions& f) {
   dim3 grid(N / 16, (M + 7) / 8);
-  mma_int4<KS, U><<<grid, 32 * KS, 0, at::cuda::getCurrentCUDAStream()>>>(
+  auto kernel = f.norm_part ? mma_int4_norm<KS, U> : mma_int4<KS, U>;
+  kernel<<<grid, 32 * KS, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const uint4*>(w.data_ptr()),
-      reinterpret_cast<const uint2*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), M, N, K);
+      reinterpret_cast<const uint2*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), M, N, K,
+      f.norm_part, f.P, f.eps, f.res, f.next_w, f.xn, f.part_out, f.act);
+}
+
+static void check(const torch::Tensor& t, at::ScalarType dtype, int64_t numel, const char* what) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == dtype && t.is_contiguous() && t.numel() == numel,
+              what, ": contiguous, ", numel, " elements of ", dtype);
 }
 
 // x [M, K] @ W.T. chunk_rows > 0: rows of W are dequantized chunk_rows at a time into a bf16 buffer that a cuBLAS
 // matmul reads (tensor cores at full width; the buffer is small enough to stay in L2); 0: mma_int4 with launch
 // shape (ks, u) (the weights read once per 8 tokens).
-torch::Tensor mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t ks, int64_t u, int64_t chunk_rows) {
+// The decode kernel only (chunk_rows == 0) takes the fusions of mma_int4: norm_part (+ eps), residual (+ next_w),
+// act. Returns {y}, or {y, xn, part} with next_w.
+std::vector<torch::Tensor> mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t ks, int64_t u,
+    int64_t chunk_rows, c10::optional<torch::Tensor> norm_part, double eps, c10::optional<torch::Tensor> residual,
+    c10::optional<torch::Tensor> next_w, bool act) {
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 &&
               x.size(1) == w.size(1) * 8, "x: contiguous bf16 [M, K]");
   TORCH_CHECK(w.scalar_type() == at::kInt && w.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
               sz.is_contiguous(), "words int32 and sz bf16, contiguous");
   const int M = x.size(0), N = w.size(0), K = w.size(1) * 8;
   TORCH_CHECK(K % 64 == 0 && N % 16 == 0, "K must be a multiple of 64 and N of 16");
-  auto y = torch::empty({M, N}, x.options());
   auto stream = at::cuda::getCurrentCUDAStream();
   if (chunk_rows > 0) {
+    TORCH_CHECK(!norm_part.has_value() && !residual.has_value() && !next_w.has_value() && !act,
+                "the fusions are for the decode kernel");
+    auto y = torch::empty({M, N}, x.options());
     const int rows = (int)std::min<int64_t>(chunk_rows / 16 * 16, N);
     TORCH_CHECK(rows > 0, "chunk_rows must hold a tile of 16 rows");
     auto buf = torch::empty({rows, K}, x.options());
@@ -217,23 +331,51 @@ torch::Tensor mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t ks,
           CUBLAS_GEMM_DEFAULT);
       TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "cublasGemmEx failed with status ", (int)st);
     }
-    return y;
+    return {y};
+  }
+  Fusions f{nullptr, 0, (float)eps, nullptr, nullptr, nullptr, nullptr, act};
+  if (norm_part.has_value()) {
+    TORCH_CHECK(norm_part->dim() == 2 && norm_part->size(1) == M && norm_part->size(0) * 16 == K,
+                "norm_part: [K / 16, M]");
+    check(*norm_part, at::kFloat, (int64_t)K / 16 * M, "norm_part");
+    f.norm_part = norm_part->data_ptr<float>();
+    f.P = K / 16;
+  }
+  if (residual.has_value()) {
+    check(*residual, at::kBFloat16, (int64_t)M * N, "residual");
+    f.res = reinterpret_cast<const __nv_bfloat16*>(residual->data_ptr());
+  }
+  TORCH_CHECK(!(act && residual.has_value()), "act and residual do not go together");
+  TORCH_CHECK(!next_w.has_value() || residual.has_value(), "next_w goes with residual");
+  auto y = torch::empty({M, act ? N / 2 : N}, x.options());
+  std::vector<torch::Tensor> out{y};
+  if (next_w.has_value()) {
+    check(*next_w, at::kBFloat16, N, "next_w");
+    f.next_w = reinterpret_cast<const __nv_bfloat16*>(next_w->data_ptr());
+    auto xn = torch::empty({M, N}, x.options());
+    auto part = torch::empty({N / 16, M}, x.options().dtype(at::kFloat));
+    f.xn = reinterpret_cast<__nv_bfloat16*>(xn.data_ptr());
+    f.part_out = part.data_ptr<float>();
+    out.push_back(xn);
+    out.push_back(part);
   }
   switch (ks * 10 + u) {
-    case 24: launch<2, 4>(x, w, sz, y, M, N, K); break;
-    case 44: launch<4, 4>(x, w, sz, y, M, N, K); break;
-    case 84: launch<8, 4>(x, w, sz, y, M, N, K); break;
-    case 42: launch<4, 2>(x, w, sz, y, M, N, K); break;
-    case 82: launch<8, 2>(x, w, sz, y, M, N, K); break;
-    case 162: launch<16, 2>(x, w, sz, y, M, N, K); break;
-    case 164: launch<16, 4>(x, w, sz, y, M, N, K); break;
+    case 24: launch<2, 4>(x, w, sz, y, M, N, K, f); break;
+    case 44: launch<4, 4>(x, w, sz, y, M, N, K, f); break;
+    case 84: launch<8, 4>(x, w, sz, y, M, N, K, f); break;
+    case 42: launch<4, 2>(x, w, sz, y, M, N, K, f); break;
+    case 82: launch<8, 2>(x, w, sz, y, M, N, K, f); break;
+    case 162: launch<16, 2>(x, w, sz, y, M, N, K, f); break;
+    case 164: launch<16, 4>(x, w, sz, y, M, N, K, f); break;
     default: TORCH_CHECK(false, "no such configuration");
   }
-  return y;
+  return out;
 }
 """
 
-_CPP = "torch::Tensor mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t ks, int64_t u, int64_t chunk_rows);"
+_CPP = ("std::vector<torch::Tensor> mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t ks, int64_t u, "
+        "int64_t chunk_rows, c10::optional<torch::Tensor> norm_part, double eps, "
+        "c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> next_w, bool act);")
 
 
 def _build_dir() -> str:
@@ -364,19 +506,23 @@ def chunk_rows(m: int, k: int) -> int:
     return max(64, DEQUANT_BYTES // (2 * k) // 64 * 64)
 
 
-def mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int) -> torch.Tensor:
+def mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int, norm_part=None,
+       eps: float = 0.0, residual=None, next_w=None, act: bool = False):
     """``x2 @ W.T`` for a few tokens x2 [M, K] bf16 on CUDA with the compiled kernel (a configuration of
-    :data:`CONFIGS`)."""
-    return _ext().mm(x2, words, sz, warps, loads, 0)
+    :data:`CONFIGS`), with the fusions of :func:`_mm`."""
+    out = _ext().mm(x2, words, sz, warps, loads, 0, norm_part, eps, residual, next_w, act)
+    return out[0] if next_w is None else tuple(out)
 
 
 def pick_config(n: int, k: int, device=None, reps: int = 50, timings: Optional[dict] = None,
-                rotate_bytes: int = 96 << 20) -> tuple[int, int]:
+                rotate_bytes: int = 96 << 20, mode: str = "") -> tuple[int, int]:
     """The fastest of :data:`CONFIGS` for an N x K layer on this GPU, timed on random codes in a CUDA graph
-    (``timings``, if given, receives seconds per call for each configuration). The graph cycles through copies of
-    the weights adding up to ``rotate_bytes`` (more than the L2 cache), as a model's layers do: a small matrix
-    timed alone would be served from L2 and favour the wrong configuration."""
+    (``timings``, if given, receives seconds per call for each configuration), with the fusions ``mode`` names
+    (:data:`MODES`). The graph cycles through copies of the weights adding up to ``rotate_bytes`` (more than the L2
+    cache), as a model's layers do: a small matrix timed alone would be served from L2 and favour the wrong
+    configuration."""
     dev = torch.device(device or "cuda")
+    fusions = _mode_args(mode, n, k, dev)
     one = n * k // 2 + n * (k // GROUP) * 4
     copies = max(1, min(32, -(-rotate_bytes // one)))
     ws = [torch.randint(-2 ** 31, 2 ** 31 - 1, (n, k // 8), dtype=torch.int32, device=dev) for _ in range(copies)]
@@ -389,13 +535,13 @@ def pick_config(n: int, k: int, device=None, reps: int = 50, timings: Optional[d
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):
             for i in range(copies):
-                mm(x, ws[i], szs[i], *cfg)
+                mm(x, ws[i], szs[i], *cfg, **fusions)
         torch.cuda.current_stream(dev).wait_stream(s)
         g = torch.cuda.CUDAGraph()
         # thread_local: on a shared server another thread may be decoding on this GPU while a model loads
         with torch.cuda.graph(g, stream=s, capture_error_mode="thread_local"):
             for i in range(calls):
-                mm(x, ws[i % copies], szs[i % copies], *cfg)
+                mm(x, ws[i % copies], szs[i % copies], *cfg, **fusions)
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g.replay()
         a.record()
@@ -413,55 +559,158 @@ def pick_config(n: int, k: int, device=None, reps: int = 50, timings: Optional[d
     return best
 
 
-def _mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int) -> torch.Tensor:
+# What a layer's kernel call folds in (GemvInt4Linear.mode; engine/backends/int4_fusion.py): "" nothing; "norm": the
+# RMSNorm of its input (the input comes multiplied by the norm's weight, with its partial sums of squares);
+# "residual": the add of the residual stream to its output, and the next norm's input (x * weight, partial sums);
+# "act": SiLU(gate) * up of interleaved gate/up rows.
+MODES = ("", "norm", "residual", "act", "norm+act")
+
+
+def _mode_args(mode: str, n: int, k: int, device) -> dict:
+    """Random stand-ins for a ``mode``'s extra inputs (for timing it)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of {MODES}")
+    out = {}
+    if "norm" in mode:
+        out.update(norm_part=torch.rand((k // 16, 1), device=device), eps=1e-5)
+    if mode == "residual":
+        out.update(residual=torch.randn((1, n), device=device).to(torch.bfloat16),
+                   next_w=torch.rand(n, device=device).to(torch.bfloat16))
+    if "act" in mode:
+        out["act"] = True
+    return out
+
+
+def squares(h: torch.Tensor) -> torch.Tensor:
+    """h [M, N] -> [N / 16, M] fp32: each token's sum of squares per slice of 16 features (what the kernel writes
+    with the next norm's input; the norm adds them up)."""
+    return h.float().pow(2).unflatten(-1, (-1, 16)).sum(-1).T.contiguous()
+
+
+def norm_input(h: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An RMSNorm's input as a fused GEMV takes it (mode "norm"): (h * weight in bf16, :func:`squares` of h)."""
+    h2 = h.reshape(-1, h.shape[-1])
+    return (h2 * weight).reshape(h.shape), squares(h2)
+
+
+def rms_scale(norm_part: torch.Tensor, k: int, eps: float) -> torch.Tensor:
+    """Each token's RMSNorm factor [M, 1] from the partial sums of squares [K / 16, M]."""
+    return torch.rsqrt(norm_part.sum(0) / k + eps)[:, None]
+
+
+def silu_mul(y: torch.Tensor) -> torch.Tensor:
+    """[M, 2n] with gate and up rows interleaved 8 by 8 (:func:`gate_up_from_codes`) -> SiLU(gate) * up [M, n],
+    rounded as the separate ops round. Computed in place in ``y``'s gate half, so a prompt holds no more than
+    the plain MLP does (gate and up outputs, then the product)."""
+    v = y.unflatten(-1, (-1, 2, 8))
+    gate = torch.nn.functional.silu(v[..., 0, :], inplace=True)
+    return gate.mul_(v[..., 1, :]).flatten(-2)
+
+
+def _mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int, norm_part=None,
+        eps: float = 0.0, residual=None, next_w=None, act: bool = False):
     """``x2 @ W.T`` for x2 [M, K] bf16 contiguous: a few tokens -> ``mma_int4``, a long prompt -> cuBLAS on
-    dequantized rows."""
+    dequantized rows. Folded in (the decode kernel does it in one launch; a prompt with PyTorch's ops around
+    cuBLAS): ``norm_part`` [K / 16, M] (+ ``eps``): x2 is an RMSNorm's input times its weight, these its partial
+    sums of squares (:func:`norm_input`), the product is normalized; ``residual`` [M, N]: added to the product,
+    and with ``next_w`` the result's :func:`norm_input` for the norm with that weight is returned too:
+    (y, y * next_w, squares); ``act``: SiLU(gate) * up of interleaved gate/up rows, [M, N / 2]."""
     if x2.data_ptr() % 16:  # the kernel reads the input 4 bytes at a time, cuBLAS prefers 16
         x2 = x2.clone()
-    return _ext().mm(x2, words, sz, warps, loads, chunk_rows(x2.shape[0], x2.shape[1]))
+    rows = chunk_rows(x2.shape[0], x2.shape[1])
+    if not rows:
+        return mm(x2, words, sz, warps, loads, norm_part, eps, residual, next_w, act)
+    if norm_part is not None:
+        x2 = (x2.float() * rms_scale(norm_part, x2.shape[1], eps)).to(x2.dtype)
+    y = _ext().mm(x2, words, sz, warps, loads, rows, None, 0.0, None, None, False)[0]
+    if act:
+        y = silu_mul(y)
+    if residual is not None:
+        y = residual + y
+    return y if next_w is None else (y, *norm_input(y, next_w))
 
 
 @torch.library.custom_op("quantscope::int4_mma", mutates_args=())
-def _int4_mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int) -> torch.Tensor:
-    return _mm(x2, words, sz, warps, loads)
+def _int4_mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int,
+             norm_part: Optional[torch.Tensor], eps: float, residual: Optional[torch.Tensor], act: bool) -> torch.Tensor:
+    return _mm(x2, words, sz, warps, loads, norm_part, eps, residual, None, act)
 
 
 @_int4_mm.register_fake
-def _(x2, words, sz, warps, loads):
-    return x2.new_empty((x2.shape[0], words.shape[0]))
+def _(x2, words, sz, warps, loads, norm_part, eps, residual, act):
+    n = words.shape[0]
+    return x2.new_empty((x2.shape[0], n // 2 if act else n))
 
 
-def _apply(x, words, sz, bias, config):
-    """``x @ W.T + b`` for W = (words, sz) in this kernel's layout, any leading dimensions of ``x``."""
+@torch.library.custom_op("quantscope::int4_mma_next", mutates_args=())
+def _int4_mm_next(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int,
+                  residual: torch.Tensor, next_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mm(x2, words, sz, warps, loads, None, 0.0, residual, next_w, False)
+
+
+@_int4_mm_next.register_fake
+def _(x2, words, sz, warps, loads, residual, next_w):
+    m, n = x2.shape[0], words.shape[0]
+    return x2.new_empty((m, n)), x2.new_empty((m, n)), x2.new_empty((n // 16, m), dtype=torch.float32)
+
+
+def _apply(x, words, sz, bias, config, norm=None, residual=None, next_w=None, act: bool = False):
+    """``x @ W.T + b`` for W = (words, sz) in this kernel's layout, any leading dimensions of ``x``; ``norm``
+    (partial sums, eps), ``residual``, ``next_w`` and ``act`` as in :func:`_mm` (no bias with ``residual`` or
+    ``act``). Returns y, or (y, xn, partial sums) with ``next_w``."""
+    if bias is not None and (residual is not None or act):
+        raise ValueError("a bias goes before the residual add and the activation: not fused")
+    if next_w is not None and residual is None:
+        raise ValueError("next_w goes with residual")
     shape = x.shape
-    # the custom op is for torch.compile (the decode step); called eagerly (a prompt), its wrapper's host time
+    x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+    part, eps = norm if norm is not None else (None, 0.0)
+    if residual is not None:
+        residual = residual.reshape(-1, residual.shape[-1]).contiguous()
+    # the custom ops are for torch.compile (the decode step); called eagerly (a prompt), their wrappers' host time
     # would add up over the hundreds of calls of a prefill
-    op = torch.ops.quantscope.int4_mma if torch.compiler.is_compiling() else _mm
-    y = op(x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous(), words, sz, *config)
+    compiling = torch.compiler.is_compiling()
+    if next_w is not None:
+        op = torch.ops.quantscope.int4_mma_next if compiling else functools.partial(_mm, norm_part=None, eps=0.0)
+        y, xn, sq = op(x2, words, sz, *config, residual=residual, next_w=next_w)
+        return y.reshape(*shape[:-1], y.shape[-1]), xn.reshape(*shape[:-1], y.shape[-1]), sq
+    op = torch.ops.quantscope.int4_mma if compiling else _mm
+    y = op(x2, words, sz, *config, norm_part=part, eps=float(eps), residual=residual, act=act)
     if bias is not None:
         y = y + bias
-    return y.reshape(*shape[:-1], int(words.shape[0]))
+    return y.reshape(*shape[:-1], y.shape[-1])
 
 
 class GemvInt4Linear(torch.nn.Module):
     """``y = x @ W.T + b`` with W in this kernel's layout (a few tokens: ``mma_int4``, 8 tokens per block; a long
-    prompt: cuBLAS on dequantized rows)."""
+    prompt: cuBLAS on dequantized rows). ``mode`` (:data:`MODES`) is what its calls fold in; the launch
+    configuration was timed for it (:meth:`set_mode`)."""
 
-    def __init__(self, words, sz, in_features: int, bias, config: tuple[int, int]):
+    def __init__(self, words, sz, in_features: int, bias, config: tuple[int, int], mode: str = ""):
         super().__init__()
-        self.in_features, self.out_features = in_features, int(words.shape[0])
+        self.in_features = in_features
+        self.out_features = int(words.shape[0]) // (2 if "act" in mode else 1)
         self.group_size = GROUP
         self.register_buffer("words", words)
         self.register_buffer("sz", sz)
         self.bias = bias
         self.config = tuple(config)
+        self.mode = mode
 
-    def forward(self, x):
-        return _apply(x, self.words, self.sz, self.bias, self.config)
+    def set_mode(self, mode: str) -> None:
+        """Fold ``mode``'s work into this layer's calls, with the launch configuration fastest for it."""
+        n, k = int(self.words.shape[0]), self.in_features
+        self.config, self.mode = _config(n, k, self.words.device, mode), mode
+        self.out_features = n // (2 if "act" in mode else 1)
+
+    def forward(self, x, norm=None, residual=None, next_w=None):
+        """``norm`` (partial sums, eps), ``residual``, ``next_w``: see :func:`_mm`."""
+        return _apply(x, self.words, self.sz, self.bias, self.config, norm, residual, next_w, "act" in self.mode)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={GROUP}, "
-                f"kernel=QuantScope int4 GEMV (tensor cores; warps, groups loaded together: {self.config})")
+                f"kernel=QuantScope int4 GEMV (tensor cores; warps, groups loaded together: {self.config}"
+                + (f"; folds in: {self.mode}" if self.mode else "") + ")")
 
 
 _PICKED: dict = {}
@@ -474,11 +723,35 @@ def from_codes(q, s, z, bias=None, config: Optional[tuple[int, int]] = None) -> 
     return GemvInt4Linear(pack(q), pack_sz(s, z), k, bias, config or _config(n, k, q.device))
 
 
-def _config(n: int, k: int, device) -> tuple[int, int]:
-    key = (n, k, str(device))
+def _config(n: int, k: int, device, mode: str = "") -> tuple[int, int]:
+    key = (n, k, str(device), mode)
     if key not in _PICKED:
-        _PICKED[key] = pick_config(n, k, device)
+        _PICKED[key] = pick_config(n, k, device, mode=mode)
     return _PICKED[key]
+
+
+def interleave8(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a`` and ``b`` (same shape [n, ...], n a multiple of 8) taken 8 by 8: a0..a7, b0..b7, a8.."""
+    return torch.stack([a.unflatten(0, (-1, 8)), b.unflatten(0, (-1, 8))], dim=1).flatten(0, 2)
+
+
+def gate_up_from_codes(gate, up, config: Optional[tuple[int, int]] = None) -> GemvInt4Linear:
+    """One :class:`GemvInt4Linear` in mode "act" for a gated MLP's gate and up projections (each (codes [I, K],
+    scales, zeros, bias None)): their rows interleaved 8 by 8, so each 16-row tile holds 8 gate rows and the
+    matching 8 up rows and the kernel writes SiLU(gate) * up [M, I] itself. Packed ``PACK_ROWS`` rows at a time."""
+    (qg, sg, zg, bg), (qu, su, zu, bu) = gate, up
+    if bg is not None or bu is not None:
+        raise ValueError("a gated MLP with biases is not fused")
+    i, k = qg.shape
+    if qu.shape != qg.shape or i % 8:
+        raise ValueError(f"gate and up must have the same shape, a multiple of 8 rows ({tuple(qg.shape)}, "
+                         f"{tuple(qu.shape)})")
+    words = torch.empty((2 * i, k // 8), dtype=torch.int32, device=qg.device)
+    half = PACK_ROWS // 2
+    for r in range(0, i, half):
+        pack(interleave8(qg[r:r + half], qu[r:r + half]), out=words[2 * r:2 * r + 2 * min(half, i - r)])
+    sz = pack_sz(interleave8(sg, su), interleave8(zg, zu))
+    return GemvInt4Linear(words, sz, k, None, config or _config(2 * i, k, qg.device, "act"), mode="act")
 
 
 # Sibling projections that read the same input, in the order transformers' modules call them.
@@ -492,6 +765,7 @@ class _Fused(torch.nn.Module):
     def __init__(self, linear: GemvInt4Linear, sizes: list[int]):
         super().__init__()
         self.linear, self.sizes = linear, sizes
+        self.norm = None  # (partial sums, eps) of an RMSNorm folded in, set per call (int4_fusion._fused_forward)
         self._x, self._out = None, None
 
     def part(self, i: int, x):
@@ -499,11 +773,12 @@ class _Fused(torch.nn.Module):
         # stacking saves nothing there, and the stacked output would keep every sibling's result alive until the
         # last one is used (gate/up: 4 intermediate rows per token at the MLP's peak instead of the plain path's 3).
         if i == 0 and not chunk_rows(x.numel() // x.shape[-1], x.shape[-1]):
-            self._x, self._out = x, self.linear(x).split(self.sizes, dim=-1)
+            self._x, self._out = x, self.linear(x, self.norm).split(self.sizes, dim=-1)
         if self._x is not x or self._out is None:  # a prompt, or called alone or out of order: this part's rows
             rows = slice(sum(self.sizes[:i]), sum(self.sizes[:i + 1]))
             lin = self.linear
-            return _apply(x, lin.words[rows], lin.sz[rows], None if lin.bias is None else lin.bias[rows], lin.config)
+            return _apply(x, lin.words[rows], lin.sz[rows], None if lin.bias is None else lin.bias[rows], lin.config,
+                          self.norm)
         y = self._out[i]
         if i == len(self.sizes) - 1:  # the last sibling: let go of the input and the stacked output
             self._x, self._out = None, None

@@ -1,0 +1,172 @@
+"""Decoder layers whose small kernels are folded into our int4 GEMV (``hqq4-fast`` on CUDA, Llama-style layers).
+
+At batch 1 a decoder layer's four matmuls read ~98% of its bytes, but the step also launches, per layer, two
+RMSNorm kernels (each fused by the compiler with the residual add before it) and one SiLU(gate) * up kernel:
+~2.6 + 2.6 + 1.2 µs plus the gaps between launches, for a few kilobytes of data (an 8B on an H200). Here they
+move into the GEMVs' epilogues (:mod:`engine.backends.int4_cuda`, ``mma_int4``), where the data already is:
+
+- o and down add the residual stream to their output (``res + bf16(sum)``, rounded as the separate add rounds)
+  and write, for the norm that follows, the stream times the norm's weight and each 16 features' sum of squares;
+- q/k/v and gate/up read that weighted input as they would any input (no extra work per weight) and scale each
+  token's sums by ``rsqrt(mean(x^2) + eps)`` from the partial sums (a per-token factor commutes with the
+  product). Normalizing inside the loop instead (the weight multiplied and the squares summed per group, in each
+  of the ~2,000 blocks) cost more than it saved: gate+up 25.9 -> 34.1 µs (H200, docs/benchmarks.md);
+- gate/up's rows are stored interleaved 8 by 8 (a 16-row tile = 8 gate rows + the matching 8 up rows), so the
+  kernel writes ``SiLU(gate) * up`` directly (rounded as the separate ops round).
+
+The first layer's input (the embeddings) gets its weighted copy and sums from PyTorch's ops. A prompt (32 tokens
+or more) runs the same steps with PyTorch's ops around cuBLAS. What differs from the plain layer is rounding: the
+norm's output is not rounded to bf16 before the product (``x * weight`` is, once).
+
+Only layers whose code is Llama's (transformers' Llama, Mistral and Qwen2 decoder layers, MLPs and RMSNorms have
+the same ``forward``; tests/test_fast.py pins that for the installed transformers) are fused; others keep the
+separate kernels. ``QUANTSCOPE_INT4_FUSE=0`` turns this off (for comparisons).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import int4_cuda
+
+LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+SILU = ("SiLU", "SiLUActivation")
+
+
+def wanted() -> bool:
+    return os.environ.get("QUANTSCOPE_INT4_FUSE", "1") != "0"
+
+
+class GatedMLP(torch.nn.Module):
+    """``down(SiLU(gate(x)) * up(x))`` in two kernel calls: gate and up interleaved, writing the product
+    (:func:`int4_cuda.gate_up_from_codes`), then down. In a fused decoder layer gate/up also take the
+    post-attention norm (``norm``: partial sums, eps) and down adds ``residual`` (and with ``next_w`` returns the
+    next norm's input too)."""
+
+    def __init__(self, gate_up: int4_cuda.GemvInt4Linear, down_proj: int4_cuda.GemvInt4Linear):
+        super().__init__()
+        self.gate_up, self.down_proj = gate_up, down_proj
+        self.hidden_size, self.intermediate_size = gate_up.in_features, gate_up.out_features
+
+    def forward(self, x, residual=None, norm=None, next_w=None):
+        return self.down_proj(self.gate_up(x, norm), residual=residual, next_w=next_w)
+
+
+def mlp_fusable(mlp) -> bool:
+    """Whether ``mlp`` is a Llama-style gated MLP with SiLU (the projections are checked by the caller)."""
+    return type(mlp).__name__ in MLPS and type(getattr(mlp, "act_fn", None)).__name__ in SILU
+
+
+def gated_mlp(gate, up, down) -> GatedMLP:
+    """A :class:`GatedMLP` from each projection's (codes, scales, zeros, bias) (see ``int4.codes``)."""
+    return GatedMLP(int4_cuda.gate_up_from_codes(gate, up), int4_cuda.from_codes(*down))
+
+
+class AddsResidual(torch.nn.Module):
+    """A fused decoder layer's o_proj: adds the residual stream the layer hands it (``pending``: (residual, the
+    post-attention norm's weight), taken once) to its output, and leaves that norm's input in ``extra``.
+    transformers' attention calls ``o_proj(attn_output)`` and returns one tensor, hence the hand-over."""
+
+    def __init__(self, linear: int4_cuda.GemvInt4Linear):
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.pending = self.extra = None
+
+    def forward(self, x):
+        if self.pending is None:  # called on its own: the plain projection
+            return self.linear(x)
+        (residual, next_w), self.pending = self.pending, None
+        y, xn, part = self.linear(x, residual=residual, next_w=next_w)
+        self.extra = (xn, part)
+        return y
+
+
+def _fused_forward(self, hidden_states, **kwargs):
+    """A Llama decoder layer with its norms, residual adds and SiLU * up inside the GEMVs: same inputs, same
+    output as transformers' ``LlamaDecoderLayer.forward`` (up to rounding, see the module docstring). The norm's
+    input for this layer comes from the previous fused layer's down projection (``pending_input``), else (the
+    first layer) from PyTorch's ops."""
+    attn, ln1, ln2 = self.self_attn, self.input_layernorm, self.post_attention_layernorm
+    pending, self.pending_input = self.pending_input, None
+    if pending is not None and pending[0] is hidden_states:
+        xn, part = pending[1], pending[2]
+    else:
+        xn, part = int4_cuda.norm_input(hidden_states, ln1.weight)
+    attn.fused_q_k_v.norm = (part, float(ln1.variance_epsilon))
+    attn.o_proj.pending = (hidden_states, ln2.weight)
+    hidden_states, _ = attn(xn, **kwargs)  # q/k/v normalize; o_proj adds the residual, prepares the next norm
+    attn.fused_q_k_v.norm = None
+    (xn, part), attn.o_proj.extra = attn.o_proj.extra, None
+    nxt = self._next_fused
+    out = self.mlp(xn, residual=hidden_states, norm=(part, float(ln2.variance_epsilon)),
+                   next_w=None if nxt is None else nxt.input_layernorm.weight)
+    if nxt is None:
+        return out
+    nxt.pending_input = out  # (hidden states, the next norm's input, its partial sums)
+    return out[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_class(cls):
+    return type("Fused" + cls.__name__, (cls,), {"forward": _fused_forward, "__module__": __name__})
+
+
+def why_not_layer(layer):
+    """None when ``layer`` can be fused, else why not."""
+    name = type(layer).__name__
+    if name not in LAYERS:
+        return f"{name} is not a Llama-style decoder layer"
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    for norm in (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None)):
+        if type(norm).__name__ not in NORMS or getattr(norm, "weight", None) is None:
+            return "its norms are not Llama's RMSNorm"
+        if norm.weight.dtype != torch.bfloat16:
+            return "its norms are not bf16"
+    fused = getattr(attn, "fused_q_k_v", None)
+    if not isinstance(fused, int4_cuda._Fused):
+        return "q/k/v are not one int4 GEMV"
+    if not isinstance(getattr(attn, "o_proj", None), int4_cuda.GemvInt4Linear) or attn.o_proj.bias is not None:
+        return "o_proj is not an int4 GEMV without bias"
+    if not isinstance(mlp, GatedMLP) or mlp.down_proj.bias is not None:
+        return "the MLP is not a fused gated MLP"
+    return None
+
+
+def fuse_decoder_layer(layer, next_layer=None) -> None:
+    """Fold ``layer``'s norms and residual adds into its GEMVs (:func:`why_not_layer` must be None); with
+    ``next_layer`` (fused too, next in the model) its down projection prepares that layer's first norm."""
+    attn, mlp = layer.self_attn, layer.mlp
+    attn.fused_q_k_v.linear.set_mode("norm")
+    attn.o_proj.set_mode("residual")
+    attn.o_proj = AddsResidual(attn.o_proj)
+    mlp.gate_up.set_mode("norm+act")
+    mlp.down_proj.set_mode("residual")
+    layer.pending_input = None
+    object.__setattr__(layer, "_next_fused", next_layer)  # not a submodule: the model owns it
+    layer.__class__ = _fused_class(type(layer))
+
+
+def fuse_decoder_layers(model) -> tuple[int, dict]:
+    """Fuse every decoder layer of ``model`` that can be (each hands the next its norm's input when that one is
+    fused too and follows it in the model's list of layers): (layers fused, {reason: layers left})."""
+    left, todo = {}, []
+    for module in model.modules():
+        if type(module).__name__ not in LAYERS:
+            continue
+        why = why_not_layer(module)
+        if why:
+            left[why] = left.get(why, 0) + 1
+        else:
+            todo.append(module)
+    for layers in (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
+        for a, b in zip(layers, layers[1:]):
+            if a in todo and b in todo:
+                object.__setattr__(a, "_next_fused_candidate", b)
+    for layer in todo:
+        fuse_decoder_layer(layer, layer.__dict__.pop("_next_fused_candidate", None))
+    return len(todo), left
