@@ -635,6 +635,43 @@ def test_a_fused_decoder_layer_computes_what_transformers_layer_computes(arch, r
             assert agree >= 0.8, (tokens, agree)
 
 
+def test_two_eager_runs_of_one_fused_model_at_once_get_their_own_results(reference_kernel):
+    """A run that finds the fast runner busy takes the plain path on the same model: two forwards of one fused
+    model in two threads (switching as often as Python allows) must each get what it gets alone -- the layers hand
+    their projections per-call data (int4_cuda.put/take), which must not cross threads."""
+    import sys
+
+    model = _tiny("llama")
+    plain, hqq = _quantized_copies(model)
+    fused = _on_our_gemv(model, hqq, True)
+    inputs = [torch.randint(0, 320, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 5)]
+    with torch.inference_mode():
+        alone = [fused(input_ids=ids, use_cache=False).logits for ids in inputs]
+    got, errors = {0: [], 1: []}, []
+
+    def worker(i):
+        try:
+            with torch.inference_mode():
+                for _ in range(15):
+                    got[i].append(fused(input_ids=inputs[i], use_cache=False).logits)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    for i in (0, 1):
+        assert len(got[i]) == 15 and all(torch.equal(g, alone[i]) for g in got[i]), i
+
+
 def test_only_layers_written_like_llamas_are_fused():
     """The allowlist (int4_fusion.LAYERS/MLPS/NORMS) names classes whose forward is Llama's in the installed
     transformers: if one changes, the allowlist must."""

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import threading
 from typing import Optional
 
 import torch
@@ -754,6 +755,34 @@ def gate_up_from_codes(gate, up, config: Optional[tuple[int, int]] = None) -> Ge
     return GemvInt4Linear(words, sz, k, None, config or _config(2 * i, k, qg.device, "act"), mode="act")
 
 
+_CALL = threading.local()
+
+
+def put(module, name: str, value) -> None:
+    """Hand ``value`` to ``module`` for the call in progress (int4_fusion's layers to their projections). Inside
+    torch.compile a module attribute (the compiled step runs in one thread; the compiler traces attributes);
+    otherwise this thread's own slot: two eager runs of one model may run at once (a run that finds the fast
+    runner busy takes the plain path), and neither may see the other's inputs."""
+    if torch.compiler.is_compiling():
+        setattr(module, name, value)
+    else:
+        _CALL.__dict__[(id(module), name)] = value
+
+
+def get(module, name: str):
+    """What :func:`put` handed ``module`` under ``name`` for this call (None if nothing)."""
+    if torch.compiler.is_compiling():
+        return getattr(module, name, None)
+    return _CALL.__dict__.get((id(module), name))
+
+
+def take(module, name: str):
+    """:func:`get`, and the slot emptied."""
+    value = get(module, name)
+    put(module, name, None)
+    return value
+
+
 # Sibling projections that read the same input, in the order transformers' modules call them.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -765,7 +794,7 @@ class _Fused(torch.nn.Module):
     def __init__(self, linear: GemvInt4Linear, sizes: list[int]):
         super().__init__()
         self.linear, self.sizes = linear, sizes
-        self.norm = None  # (partial sums, eps) of an RMSNorm folded in, set per call (int4_fusion._fused_forward)
+        self.norm = None  # (partial sums, eps) of an RMSNorm folded in: handed over per call (put/get "norm")
         self._x, self._out = None, None
 
     def part(self, i: int, x):
@@ -773,12 +802,12 @@ class _Fused(torch.nn.Module):
         # stacking saves nothing there, and the stacked output would keep every sibling's result alive until the
         # last one is used (gate/up: 4 intermediate rows per token at the MLP's peak instead of the plain path's 3).
         if i == 0 and not chunk_rows(x.numel() // x.shape[-1], x.shape[-1]):
-            self._x, self._out = x, self.linear(x, self.norm).split(self.sizes, dim=-1)
+            self._x, self._out = x, self.linear(x, get(self, "norm")).split(self.sizes, dim=-1)
         if self._x is not x or self._out is None:  # a prompt, or called alone or out of order: this part's rows
             rows = slice(sum(self.sizes[:i]), sum(self.sizes[:i + 1]))
             lin = self.linear
             return _apply(x, lin.words[rows], lin.sz[rows], None if lin.bias is None else lin.bias[rows], lin.config,
-                          self.norm)
+                          get(self, "norm"))
         y = self._out[i]
         if i == len(self.sizes) - 1:  # the last sibling: let go of the input and the stacked output
             self._x, self._out = None, None

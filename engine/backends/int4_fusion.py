@@ -67,22 +67,24 @@ def gated_mlp(gate, up, down) -> GatedMLP:
 
 
 class AddsResidual(torch.nn.Module):
-    """A fused decoder layer's o_proj: adds the residual stream the layer hands it (``pending``: (residual, the
-    post-attention norm's weight), taken once) to its output, and leaves that norm's input in ``extra``.
-    transformers' attention calls ``o_proj(attn_output)`` and returns one tensor, hence the hand-over."""
+    """A fused decoder layer's o_proj: adds the residual stream the layer hands it (``int4_cuda.put``
+    "pending": (residual, the post-attention norm's weight), taken once) to its output, and hands back that norm's
+    input ("extra"). transformers' attention calls ``o_proj(attn_output)`` and returns one tensor, hence the
+    hand-over."""
 
     def __init__(self, linear: int4_cuda.GemvInt4Linear):
         super().__init__()
         self.linear = linear
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.pending = self.extra = None
+        self.pending = self.extra = None  # the compiled step's hand-over (int4_cuda.put)
 
     def forward(self, x):
-        if self.pending is None:  # called on its own: the plain projection
+        pending = int4_cuda.take(self, "pending")
+        if pending is None:  # called on its own: the plain projection
             return self.linear(x)
-        (residual, next_w), self.pending = self.pending, None
+        residual, next_w = pending
         y, xn, part = self.linear(x, residual=residual, next_w=next_w)
-        self.extra = (xn, part)
+        int4_cuda.put(self, "extra", (xn, part))
         return y
 
 
@@ -90,24 +92,26 @@ def _fused_forward(self, hidden_states, **kwargs):
     """A Llama decoder layer with its norms, residual adds and SiLU * up inside the GEMVs: same inputs, same
     output as transformers' ``LlamaDecoderLayer.forward`` (up to rounding, see the module docstring). The norm's
     input for this layer comes from the previous fused layer's down projection (``pending_input``), else (the
-    first layer) from PyTorch's ops."""
+    first layer) from PyTorch's ops. Per-call data goes through ``int4_cuda.put``/``take``: this thread's own
+    (two eager runs of a model may run at once), module attributes inside the compiled step."""
     attn, ln1, ln2 = self.self_attn, self.input_layernorm, self.post_attention_layernorm
-    pending, self.pending_input = self.pending_input, None
+    put, take = int4_cuda.put, int4_cuda.take
+    pending = take(self, "pending_input")
     if pending is not None and pending[0] is hidden_states:
         xn, part = pending[1], pending[2]
     else:
         xn, part = int4_cuda.norm_input(hidden_states, ln1.weight)
-    attn.fused_q_k_v.norm = (part, float(ln1.variance_epsilon))
-    attn.o_proj.pending = (hidden_states, ln2.weight)
+    put(attn.fused_q_k_v, "norm", (part, float(ln1.variance_epsilon)))
+    put(attn.o_proj, "pending", (hidden_states, ln2.weight))
     hidden_states, _ = attn(xn, **kwargs)  # q/k/v normalize; o_proj adds the residual, prepares the next norm
-    attn.fused_q_k_v.norm = None
-    (xn, part), attn.o_proj.extra = attn.o_proj.extra, None
+    put(attn.fused_q_k_v, "norm", None)
+    xn, part = take(attn.o_proj, "extra")
     nxt = self._next_fused
     out = self.mlp(xn, residual=hidden_states, norm=(part, float(ln2.variance_epsilon)),
                    next_w=None if nxt is None else nxt.input_layernorm.weight)
     if nxt is None:
         return out
-    nxt.pending_input = out  # (hidden states, the next norm's input, its partial sums)
+    put(nxt, "pending_input", out)  # (hidden states, the next norm's input, its partial sums)
     return out[0]
 
 
@@ -146,7 +150,7 @@ def fuse_decoder_layer(layer, next_layer=None) -> None:
     attn.o_proj = AddsResidual(attn.o_proj)
     mlp.gate_up.set_mode("norm+act")
     mlp.down_proj.set_mode("residual")
-    layer.pending_input = None
+    layer.pending_input = None  # the compiled step's hand-over (int4_cuda.put)
     object.__setattr__(layer, "_next_fused", next_layer)  # not a submodule: the model owns it
     layer.__class__ = _fused_class(type(layer))
 
