@@ -1,5 +1,6 @@
-"""bench/no_remote_code.py, through which bench/gpu_llama_cpp.sh runs llama.cpp's converter: whatever a script asks
-transformers for, a model folder's own code never runs; a folder that needs none loads as usual."""
+"""bench/no_remote_code.py, through which bench/gpu_llama_cpp.sh runs llama.cpp's converter: the auto classes'
+decision goes to the wrapper, which always answers no; a model folder's own code never runs; a folder that needs
+none loads as usual. (No test here opts in to remote code: the wrapper's answer is checked where it is made.)"""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# asks for remote code when its second argument is "yes", as llama.cpp's converter does for tokenizers
+# loads a folder as a script run through the wrapper would, and reports which resolver the auto classes use
 SCRIPT = """
 import sys
+import transformers.models.auto.configuration_auto as config_auto
+import transformers.models.auto.tokenization_auto as tokenizer_auto
 from transformers import AutoConfig
-cfg = AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "yes")
+print("resolvers", config_auto.resolve_trust_remote_code.__name__, tokenizer_auto.resolve_trust_remote_code.__name__)
+cfg = AutoConfig.from_pretrained(sys.argv[1])
 print("loaded", type(cfg).__name__)
 """
 
@@ -37,28 +41,43 @@ def _folders(tmp_path, model_type="llama"):
     return plain, custom, marker, script
 
 
-def _run(script, folder, answer):
-    return subprocess.run([sys.executable, str(ROOT / "bench" / "no_remote_code.py"), str(script), str(folder), answer],
+def _run(script, folder):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "no_remote_code.py"), str(script), str(folder)],
                           capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
 
 
-def test_a_folders_own_code_never_runs_when_a_script_asks_for_it(tmp_path):
+def test_every_auto_class_asks_the_wrapper_which_always_says_no(tmp_path):
+    """The auto classes decide through ``resolve_trust_remote_code``; under the wrapper they call ``never``, which
+    gives transformers' answer for a caller that did not opt in, whatever it is asked."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import no_remote_code
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import inspect
+
+    assert "_resolve(False," in inspect.getsource(no_remote_code.never)
+    plain, _, _, script = _folders(tmp_path)
+    r = _run(script, plain)
+    assert r.returncode == 0 and "resolvers never never" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_folders_own_code_never_runs(tmp_path):
     # a type transformers knows: its own class is used, not the folder's
     _, custom, marker, script = _folders(tmp_path)
-    r = _run(script, custom, "yes")
+    r = _run(script, custom)
     assert r.returncode == 0 and "loaded LlamaConfig" in r.stdout, r.stderr[-2000:]
     assert not marker.exists()
 
 
 def test_a_folder_that_needs_its_own_code_is_refused(tmp_path):
     _, custom, marker, script = _folders(tmp_path, model_type="own_model")
-    r = _run(script, custom, "yes")
+    r = _run(script, custom)
     assert r.returncode != 0 and "custom code" in r.stderr, r.stderr[-2000:]
     assert not marker.exists()
 
 
 def test_a_folder_without_code_loads_as_usual(tmp_path):
     plain, _, _, script = _folders(tmp_path)
-    for answer in ("yes", "no"):
-        r = _run(script, plain, answer)
-        assert r.returncode == 0 and "loaded LlamaConfig" in r.stdout, r.stderr[-2000:]
+    r = _run(script, plain)
+    assert r.returncode == 0 and "loaded LlamaConfig" in r.stdout, r.stderr[-2000:]
