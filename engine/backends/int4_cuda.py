@@ -672,7 +672,7 @@ def _apply(x, words, sz, bias, config, norm=None, residual=None, next_w=None, ac
     # would add up over the hundreds of calls of a prefill
     compiling = torch.compiler.is_compiling()
     if next_w is not None:
-        op = torch.ops.quantscope.int4_mma_next if compiling else functools.partial(_mm, norm_part=None, eps=0.0)
+        op = torch.ops.quantscope.int4_mma_next if compiling else _mm
         y, xn, sq = op(x2, words, sz, *config, residual=residual, next_w=next_w)
         return y.reshape(*shape[:-1], y.shape[-1]), xn.reshape(*shape[:-1], y.shape[-1]), sq
     op = torch.ops.quantscope.int4_mma if compiling else _mm
@@ -690,7 +690,6 @@ class GemvInt4Linear(torch.nn.Module):
     def __init__(self, words, sz, in_features: int, bias, config: tuple[int, int], mode: str = ""):
         super().__init__()
         self.in_features = in_features
-        self.out_features = int(words.shape[0]) // (2 if "act" in mode else 1)
         self.group_size = GROUP
         self.register_buffer("words", words)
         self.register_buffer("sz", sz)
@@ -702,7 +701,11 @@ class GemvInt4Linear(torch.nn.Module):
         """Fold ``mode``'s work into this layer's calls, with the launch configuration fastest for it."""
         n, k = int(self.words.shape[0]), self.in_features
         self.config, self.mode = _config(n, k, self.words.device, mode), mode
-        self.out_features = n // (2 if "act" in mode else 1)
+
+    @property
+    def out_features(self) -> int:
+        """Output features: the stored rows, half of them with "act" (gate and up rows give one product)."""
+        return int(self.words.shape[0]) // (2 if "act" in self.mode else 1)
 
     def forward(self, x, norm=None, residual=None, next_w=None):
         """``norm`` (partial sums, eps), ``residual``, ``next_w``: see :func:`_mm`."""

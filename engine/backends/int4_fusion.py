@@ -167,10 +167,9 @@ def fuse_decoder_layers(model) -> tuple[int, dict]:
             left[why] = left.get(why, 0) + 1
         else:
             todo.append(module)
-    for layers in (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
-        for a, b in zip(layers, layers[1:]):
-            if a in todo and b in todo:
-                object.__setattr__(a, "_next_fused_candidate", b)
+    fusing = {id(m) for m in todo}
+    following = {id(a): b for layers in model.modules() if isinstance(layers, torch.nn.ModuleList)
+                 for a, b in zip(layers, layers[1:]) if id(b) in fusing}
     for layer in todo:
-        fuse_decoder_layer(layer, layer.__dict__.pop("_next_fused_candidate", None))
+        fuse_decoder_layer(layer, following.get(id(layer)))
     return len(todo), left
