@@ -767,3 +767,51 @@ def test_chunked_argmax_is_argmax_ties_included(vocab):
         assert got.shape == (3, 1) and got.dtype == torch.long
         assert torch.equal(got, x.argmax(dim=-1, keepdim=True)), (vocab, dtype)
     assert int(runners.chunked_argmax(torch.zeros(1, vocab))) == 0
+
+
+def test_compacting_a_converted_model_moves_each_tensor_once_and_keeps_its_outputs(reference_kernel):
+    """base.compact_tensors (run on CUDA after int4.convert, so that the weights leave no allocator holes behind):
+    every parameter and buffer gets fresh storage holding the same values, parameters stay the same objects (tied
+    embeddings stay tied and are moved once), a buffer that is a view of another tensor is left where it is, and
+    the converted, layer-fused model computes exactly what it did."""
+    import transformers as tf
+
+    from engine.backends.base import compact_tensors
+
+    cfg = tf.LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=320, max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(5)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    plain, hqq = _quantized_copies(model)
+    ours = _on_our_gemv(plain, hqq, fuse_layers=True)
+    ours.model.layers[0].register_buffer("a_view", ours.model.layers[0].mlp.gate_up.words[:4])
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.no_grad():
+        before = ours(ids).logits
+    tensors = {id(t): t for m in ours.modules() for t in [*m._parameters.values(), *m._buffers.values()]
+               if t is not None}
+    params = {n: p for n, p in ours.named_parameters(remove_duplicate=False)}
+    ptrs = {i: t.data_ptr() for i, t in tensors.items()}
+    held = [t.data for t in tensors.values()]  # the old storages stay alive: fresh ones get other addresses
+    assert params["lm_head.weight"] is params["model.embed_tokens.weight"]
+    moved = compact_tensors(ours, "cpu:0")  # the device as named ("cuda" on a GPU: its tensors say cuda:0)
+    view = ours.model.layers[0].a_view
+    want = sum(t.numel() * t.element_size() for t in tensors.values() if t is not view)
+    assert moved == want
+    after_params = dict(ours.named_parameters(remove_duplicate=False))
+    assert all(after_params[n] is p for n, p in params.items())  # the same Parameter objects, still tied
+    for m in ours.modules():
+        for name, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is None:
+                continue
+            old = tensors.get(id(t))
+            if t is view:
+                assert t.data_ptr() == ptrs[id(view)]
+            elif isinstance(t, torch.nn.Parameter):
+                assert t.data_ptr() != ptrs[id(t)], name
+            else:  # a buffer: a new tensor object in the module, fresh storage
+                assert old is None and all(t.data_ptr() != p for p in ptrs.values()), name
+    del held
+    with torch.no_grad():
+        after = ours(ids).logits
+    assert torch.equal(before, after)

@@ -348,6 +348,51 @@ def release_memory(device: str) -> None:
             pass
 
 
+def compact_tensors(model, device: str) -> int:
+    """Move ``model``'s tensors on ``device`` to the host and back (freeing the allocator's cache in between), so
+    that they sit in compact allocator segments; returns the bytes moved. A conversion that builds new weights
+    while the old ones and its temporaries are alive (``int4.convert`` on an 8B model) leaves its survivors spread
+    over segments with holes: PyTorch's allocator gives a segment back only when all of it is free, so the holes
+    stay reserved (0.62 GB on an 8B model, 32 segments; NVML counts them, the calculator does not;
+    bench/results/gpu_reserved_hqq4fast_8b_h200_2026-11-27.log). Parameters keep their identity (tied weights
+    stay tied: each tensor moves once); a tensor that shares its storage with another (a view) stays where it is."""
+    import torch
+
+    def where(d) -> tuple:  # "cuda" and "cuda:0" (the current GPU) are one device, as are "cpu" and "cpu:0"
+        d = torch.device(d)
+        return d.type, d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)
+
+    home = where(device)
+
+    def movable(t) -> bool:  # on the device, and the only tensor on its storage
+        return (t is not None and where(t.device) == home and not t.storage_offset()
+                and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+    params = {id(p): p for m in model.modules() for p in m._parameters.values() if movable(p)}
+    buffers = {id(b): b for m in model.modules() for b in m._buffers.values() if movable(b)}
+    moved = sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()])
+    homes = {i: t.device for i, t in [*params.items(), *buffers.items()]}
+    with torch.no_grad():
+        for i, p in params.items():  # the Parameter objects stay (ties and references hold); their data moves
+            p.data = p.data.to("cpu", copy=True)
+        host = {i: b.to("cpu", copy=True) for i, b in buffers.items()}
+        _swap_buffers(model, host)  # ids stay unique: `buffers` holds the originals until here
+        buffers.clear()
+        release_memory(device)  # every moved tensor's device memory is free now: whole segments go back
+        for i, p in params.items():
+            p.data = p.data.to(homes[i])
+        _swap_buffers(model, {id(h): h.to(homes[i]) for i, h in host.items()})
+    return moved
+
+
+def _swap_buffers(model, new: dict) -> None:
+    """Replace every buffer of ``model``'s modules whose id is a key of ``new`` by its value."""
+    for module in model.modules():
+        for name, b in list(module._buffers.items()):
+            if b is not None and id(b) in new:
+                module._buffers[name] = new[id(b)]
+
+
 def torch_dtype(name: str):
     import torch
 

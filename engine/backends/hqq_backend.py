@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 
 from ..errors import InputError
-from .base import release_memory, torch_dtype
+from .base import compact_tensors, release_memory, torch_dtype
 from .transformers_backend import HFBackend, _import_error
 
 CUDA_CANDIDATES = ("gemlite", "torchao_int4", "bitblas")
@@ -92,6 +92,8 @@ class HQQBackend(HFBackend):
             t = time.perf_counter()
             conv = int4.convert(model, device)
             release_memory(device)  # the HQQ layers' codes and the conversion's temporaries, back to the driver
+            if device.startswith("cuda"):
+                compact_tensors(model, device)  # and the holes they left between the weights that stay
             if not conv.done:
                 raise InputError(f"{quant.name}: no layer can run on an int4 kernel ({'; '.join(conv.left)}). "
                                  f"Use plain hqq{quant.bits}.")
