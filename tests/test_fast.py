@@ -772,8 +772,8 @@ def test_chunked_argmax_is_argmax_ties_included(vocab):
 def test_compacting_a_converted_model_moves_each_tensor_once_and_keeps_its_outputs(reference_kernel):
     """base.compact_tensors (run on CUDA after int4.convert, so that the weights leave no allocator holes behind):
     every parameter and buffer gets fresh storage holding the same values, parameters stay the same objects (tied
-    embeddings stay tied and are moved once), a buffer that is a view of another tensor is left where it is, and
-    the converted, layer-fused model computes exactly what it did."""
+    embeddings stay tied and are moved once), tensors that share a storage (a view, an alias) are left where they
+    are (moving one would part them), and the converted, layer-fused model computes exactly what it did."""
     import transformers as tf
 
     from engine.backends.base import compact_tensors
@@ -785,6 +785,7 @@ def test_compacting_a_converted_model_moves_each_tensor_once_and_keeps_its_outpu
     plain, hqq = _quantized_copies(model)
     ours = _on_our_gemv(plain, hqq, fuse_layers=True)
     ours.model.layers[0].register_buffer("a_view", ours.model.layers[0].mlp.gate_up.words[:4])
+    ours.model.layers[1].register_buffer("an_alias", ours.model.layers[1].mlp.down_proj.sz.view(-1))  # same size
     ids = torch.tensor([[3, 14, 15, 92, 65]])
     with torch.no_grad():
         before = ours(ids).logits
@@ -794,9 +795,10 @@ def test_compacting_a_converted_model_moves_each_tensor_once_and_keeps_its_outpu
     ptrs = {i: t.data_ptr() for i, t in tensors.items()}
     held = [t.data for t in tensors.values()]  # the old storages stay alive: fresh ones get other addresses
     assert params["lm_head.weight"] is params["model.embed_tokens.weight"]
+    l0, l1 = ours.model.layers[0], ours.model.layers[1]
+    stay = {id(l0.a_view), id(l0.mlp.gate_up.words), id(l1.an_alias), id(l1.mlp.down_proj.sz)}
     moved = compact_tensors(ours, "cpu:0")  # the device as named ("cuda" on a GPU: its tensors say cuda:0)
-    view = ours.model.layers[0].a_view
-    want = sum(t.numel() * t.element_size() for t in tensors.values() if t is not view)
+    want = sum(t.numel() * t.element_size() for t in tensors.values() if id(t) not in stay)
     assert moved == want
     after_params = dict(ours.named_parameters(remove_duplicate=False))
     assert all(after_params[n] is p for n, p in params.items())  # the same Parameter objects, still tied
@@ -805,8 +807,8 @@ def test_compacting_a_converted_model_moves_each_tensor_once_and_keeps_its_outpu
             if t is None:
                 continue
             old = tensors.get(id(t))
-            if t is view:
-                assert t.data_ptr() == ptrs[id(view)]
+            if id(t) in stay:  # a view, or a tensor with an alias: not moved (moving one would part them)
+                assert t.data_ptr() == ptrs[id(t)], name
             elif isinstance(t, torch.nn.Parameter):
                 assert t.data_ptr() != ptrs[id(t)], name
             else:  # a buffer: a new tensor object in the module, fresh storage

@@ -355,7 +355,8 @@ def compact_tensors(model, device: str) -> int:
     over segments with holes: PyTorch's allocator gives a segment back only when all of it is free, so the holes
     stay reserved (0.62 GB on an 8B model, 32 segments; NVML counts them, the calculator does not;
     bench/results/gpu_reserved_hqq4fast_8b_h200_2026-11-27.log). Parameters keep their identity (tied weights
-    stay tied: each tensor moves once); a tensor that shares its storage with another (a view) stays where it is."""
+    stay tied: each tensor moves once); tensors of the model that share a storage (a view, an alias) stay where
+    they are, so that they go on sharing it."""
     import torch
 
     def where(d) -> tuple:  # "cuda" and "cuda:0" (the current GPU) are one device, as are "cpu" and "cpu:0"
@@ -364,12 +365,18 @@ def compact_tensors(model, device: str) -> int:
 
     home = where(device)
 
-    def movable(t) -> bool:  # on the device, and the only tensor on its storage
-        return (t is not None and where(t.device) == home and not t.storage_offset()
+    on_device = [t for m in model.modules() for t in [*m._parameters.values(), *m._buffers.values()]
+                 if t is not None and where(t.device) == home]
+    owners: dict = {}  # storage -> the distinct tensors on it
+    for t in on_device:
+        owners.setdefault(t.untyped_storage().data_ptr(), set()).add(id(t))
+
+    def movable(t) -> bool:  # the only tensor of the model on its storage, and all of it
+        return (len(owners[t.untyped_storage().data_ptr()]) == 1 and not t.storage_offset()
                 and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
-    params = {id(p): p for m in model.modules() for p in m._parameters.values() if movable(p)}
-    buffers = {id(b): b for m in model.modules() for b in m._buffers.values() if movable(b)}
+    params = {id(p): p for p in on_device if isinstance(p, torch.nn.Parameter) and movable(p)}
+    buffers = {id(b): b for b in on_device if not isinstance(b, torch.nn.Parameter) and movable(b)}
     moved = sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()])
     homes = {i: t.device for i, t in [*params.items(), *buffers.items()]}
     with torch.no_grad():
