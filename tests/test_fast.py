@@ -468,11 +468,11 @@ def test_our_gemv_layers_and_fused_siblings_route_rows_right(reference_kernel):
             in_order = [fused.q_proj(x)]
             # a decode step computes the siblings' rows at once; a prompt each sibling's own (no stacked output
             # held while the others are computed and used)
-            assert (fused.fused_q_k_v._out is None) == (tokens >= ic.DEQUANT_MIN_TOKENS), tokens
+            assert (ic.get(fused.fused_q_k_v, "stacked") is None) == (tokens >= ic.DEQUANT_MIN_TOKENS), tokens
             in_order += [fused.k_proj(x), fused.v_proj(x)]
-            assert fused.fused_q_k_v._out is None  # the last sibling let go of the stacked output
+            assert ic.get(fused.fused_q_k_v, "stacked") is None  # the last sibling let go of the stacked output
             alone = [fused.v_proj(x), fused.k_proj(x), fused.q_proj(x)]
-            fused.fused_q_k_v._x = fused.fused_q_k_v._out = None
+            ic.put(fused.fused_q_k_v, "stacked", None)
             for a, b in zip(want, in_order):
                 assert torch.equal(a, b)
             for a, b in zip(want[::-1], alone):

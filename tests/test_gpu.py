@@ -273,7 +273,7 @@ def test_our_int4_gemv_computes_what_hqq_dequantizes_and_fuses_siblings():
         assert isinstance(mod.q_proj, int4_cuda._Part)
         got = [mod.q_proj(x), mod.k_proj(x), mod.v_proj(x)]
         alone = [mod.v_proj(x), mod.k_proj(x)]
-        assert mod.fused_q_k_v._out is None  # the last sibling let go of the stacked output
+        assert int4_cuda.get(mod.fused_q_k_v, "stacked") is None  # the last sibling let go of the stacked output
     for a, b in zip(want, got):
         assert (a.float() - b.float()).abs().max().item() <= 0.01 * a.float().abs().max().item()
     assert torch.equal(alone[0], got[2]) and torch.equal(alone[1], got[1])

@@ -91,9 +91,12 @@ class HQQBackend(HFBackend):
 
             t = time.perf_counter()
             conv = int4.convert(model, device)
-            release_memory(device)  # the HQQ layers' codes and the conversion's temporaries, back to the driver
+            # the HQQ layers' codes and the conversion's temporaries back to the driver; on a GPU also the holes
+            # they left between the weights that stay (compact_tensors releases the memory itself)
             if device.startswith("cuda"):
-                compact_tensors(model, device)  # and the holes they left between the weights that stay
+                compact_tensors(model, device)
+            else:
+                release_memory(device)
             if not conv.done:
                 raise InputError(f"{quant.name}: no layer can run on an int4 kernel ({'; '.join(conv.left)}). "
                                  f"Use plain hqq{quant.bits}.")

@@ -798,23 +798,25 @@ class _Fused(torch.nn.Module):
         super().__init__()
         self.linear, self.sizes = linear, sizes
         self.norm = None  # (partial sums, eps) of an RMSNorm folded in: handed over per call (put/get "norm")
-        self._x, self._out = None, None
+        self.stacked = None  # (input, every sibling's output) between the siblings' calls (put/get "stacked")
 
     def part(self, i: int, x):
         # A prompt multiplied on dequantized row chunks (chunk_rows > 0) computes each sibling's rows on its own:
         # stacking saves nothing there, and the stacked output would keep every sibling's result alive until the
         # last one is used (gate/up: 4 intermediate rows per token at the MLP's peak instead of the plain path's 3).
+        # The stacked result goes from call to call through put/get, like the norm: two eager runs of one model
+        # may run at once, and neither may take the other's rows.
         if i == 0 and not chunk_rows(x.numel() // x.shape[-1], x.shape[-1]):
-            self._x, self._out = x, self.linear(x, get(self, "norm")).split(self.sizes, dim=-1)
-        if self._x is not x or self._out is None:  # a prompt, or called alone or out of order: this part's rows
+            put(self, "stacked", (x, self.linear(x, get(self, "norm")).split(self.sizes, dim=-1)))
+        stacked = get(self, "stacked")
+        if stacked is None or stacked[0] is not x:  # a prompt, or called alone or out of order: this part's rows
             rows = slice(sum(self.sizes[:i]), sum(self.sizes[:i + 1]))
             lin = self.linear
             return _apply(x, lin.words[rows], lin.sz[rows], None if lin.bias is None else lin.bias[rows], lin.config,
                           get(self, "norm"))
-        y = self._out[i]
         if i == len(self.sizes) - 1:  # the last sibling: let go of the input and the stacked output
-            self._x, self._out = None, None
-        return y
+            put(self, "stacked", None)
+        return stacked[1][i]
 
 
 class _Part(torch.nn.Module):

@@ -50,7 +50,14 @@ class GatedMLP(torch.nn.Module):
     def __init__(self, gate_up: int4_cuda.GemvInt4Linear, down_proj: int4_cuda.GemvInt4Linear):
         super().__init__()
         self.gate_up, self.down_proj = gate_up, down_proj
-        self.hidden_size, self.intermediate_size = gate_up.in_features, gate_up.out_features
+
+    @property
+    def hidden_size(self) -> int:
+        return self.gate_up.in_features
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.gate_up.out_features
 
     def forward(self, x, residual=None, norm=None, next_w=None):
         return self.down_proj(self.gate_up(x, norm), residual=residual, next_w=next_w)
@@ -75,8 +82,15 @@ class AddsResidual(torch.nn.Module):
     def __init__(self, linear: int4_cuda.GemvInt4Linear):
         super().__init__()
         self.linear = linear
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.pending = self.extra = None  # the compiled step's hand-over (int4_cuda.put)
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
 
     def forward(self, x):
         pending = int4_cuda.take(self, "pending")
