@@ -396,6 +396,40 @@ def test_int4_gemv_says_what_it_cannot_take():
         assert ic.why_not(1536, 576, 64) == ic.why_not(4096, 4096, 64) == ic.available() == "no CUDA device"
 
 
+def test_decode_attention_says_what_it_cannot_take_and_changes_nothing_where_it_cannot_run(monkeypatch):
+    """The one-launch decode attention (CUDA, tests/test_gpu.py runs it): the shapes it refuses, with the reason;
+    on a machine without CUDA (or turned off) the runner's preparation registers nothing on the model, and a
+    module without its counters never goes to it."""
+    from engine.backends import decode_attention as da
+
+    assert "bf16, not torch.float16" in da.why_not(32, 8, 128, torch.float16)
+    assert "head dimensions (64, 128), not 96" in da.why_not(32, 8, 96)
+    assert "up to 8 query heads per key/value head, not 32 over 2" in da.why_not(32, 2, 128)
+    assert "not 30 over 4" in da.why_not(30, 4, 128)
+    model = _tiny("llama")  # 4 query heads over 2 key/value heads of 32 features: a shape the kernel refuses
+    assert "head dimensions" in da.prepare(model, "cuda")
+    monkeypatch.setenv("QUANTSCOPE_DECODE_ATTN", "0")
+    assert da.prepare(model, "cuda") == "turned off (QUANTSCOPE_DECODE_ATTN=0)"
+    monkeypatch.delenv("QUANTSCOPE_DECODE_ATTN")
+    assert da.prepare(model, "cpu") == "CUDA only"
+    if not torch.cuda.is_available():
+        assert da.why_not(32, 8, 128) == "no CUDA device"
+    assert not any(da.COUNTERS in m._buffers for m in model.modules())
+    attn = model.model.layers[0].self_attn
+    q = torch.zeros(1, 4, 1, 32, dtype=torch.bfloat16)
+    kv = torch.zeros(1, 2, 8, 32, dtype=torch.bfloat16)
+    assert not da.usable(attn, q, kv, kv, None)  # no counters
+    attn.register_buffer(da.COUNTERS, torch.zeros(2, dtype=torch.int32), persistent=False)
+    mask = torch.ones(1, 1, 1, 8, dtype=torch.bool)
+    assert da.usable(attn, q, kv, kv, mask) and da.usable(attn, q, kv, kv, None)
+    assert not da.usable(attn, q.float(), kv, kv, mask)  # bf16 only
+    assert not da.usable(attn, torch.zeros(1, 4, 2, 32, dtype=torch.bfloat16), kv, kv, mask)  # one query token
+    assert not da.usable(attn, q, kv, kv, torch.zeros(1, 1, 1, 8))  # a float mask
+    assert not da.usable(attn, q, kv.transpose(2, 3), kv, mask)  # positions' features not contiguous
+    r = runners.StaticRunner(model, 16, "cpu")
+    assert not r.own_attention
+
+
 class _ReferenceKernel:
     """The CUDA extension's ``mm`` (engine/backends/int4_cuda.py) as PyTorch on CPU, where the kernel cannot run:
     ``x @ dequantize(W).T`` in fp32, rounded to bf16 where the kernel rounds. Decode calls (``chunk_rows`` 0) may

@@ -161,6 +161,12 @@ def test_fast_path_is_captured_at_load_and_replayed(loaded):
     lm = loaded
     assert lm.info["fast_warmup_s"] > 0 and lm.fast_runner is not None and lm.fast_runner.graph is not None
     graph = lm.fast_runner.graph
+    from engine.backends import decode_attention
+
+    cfg = lm.model.config
+    # our decode attention where its kernel builds (the preset is bf16, 64-dim heads, 4 query heads per kv head)
+    assert lm.fast_runner.own_attention == (decode_attention.why_not(
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) is None)
     if lm.backend == "hqq":
         from engine.backends import int4_cuda
 
@@ -216,6 +222,73 @@ def test_captured_steps_attend_their_bucket_of_positions(loaded):
         r.release()
         lm.fast_runner = None  # the test changed its runner: the next run builds a fresh one
         r.close()
+
+
+def _attention_fp32(q, k, v, mask, scale):
+    """The reference: fp32 attention of one query token, query head h on key/value head h // G."""
+    g = q.shape[1] // k.shape[1]
+    kf, vf = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    s = (q.float() @ kf.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ vf).transpose(1, 2)  # [1, 1, H, D]
+
+
+@pytest.mark.parametrize("dim,heads,kv_heads", [(128, 32, 8), (64, 32, 8), (128, 28, 4), (64, 9, 3), (128, 8, 8)])
+def test_decode_attention_matches_fp32_attention_and_ignores_masked_positions(dim, heads, kv_heads):
+    """Our one-launch decode attention against fp32 attention: lengths of one sub-chunk, several, odd ones and
+    long ones (one block per head, chunks combined by the last block); the static cache's layout (a cut of a
+    longer buffer); positions past the used length holding NaN and inf (masked: they must not enter any sum);
+    its counters back at zero after each launch; and inside a CUDA graph replayed with new values."""
+    from engine.backends import decode_attention as da
+
+    if da.why_not(heads, kv_heads, dim) is not None:
+        pytest.skip(da.why_not(heads, kv_heads, dim))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cap = 4608
+    kc = torch.randn(1, kv_heads, cap, dim, device="cuda", generator=g).to(torch.bfloat16)
+    vc = torch.randn(1, kv_heads, cap, dim, device="cuda", generator=g).to(torch.bfloat16)
+    counters = torch.zeros(kv_heads, dtype=torch.int32, device="cuda")
+    chunks = da.chunks_per_head(kv_heads, "cuda")
+    scale = dim ** -0.5
+    for n, used in ((32, 32), (37, 20), (512, 300), (700, 700), (4096, 2900), (4608, 4608)):
+        q = (3 * torch.randn(1, heads, 1, dim, device="cuda", generator=g)).to(torch.bfloat16)
+        k, v = kc[:, :, :n], vc[:, :, :n]
+        mask = torch.zeros(1, 1, 1, cap, dtype=torch.bool, device="cuda")
+        mask[..., :used] = True
+        mask = mask[..., :n]
+        k_dirty, v_dirty = k.clone(), v.clone()  # what a reused cache could hold past the used positions
+        k_dirty[:, :, used:] = float("nan")
+        v_dirty[:, :, used:] = float("inf")
+        ref = _attention_fp32(q, k[:, :, :used], v[:, :, :used], None, scale)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                enable_gqa=True).transpose(1, 2).float()
+        for kk, vv in ((k, v), (k_dirty, v_dirty)):
+            got = da.attend(q, kk, vv, mask, counters, scale, chunks).float()
+            err, sdpa_err = (got - ref).abs().max().item(), (sdpa - ref).abs().max().item()
+            assert torch.isfinite(got).all() and err <= max(2 * sdpa_err, 0.01), (n, used, err, sdpa_err)
+            assert counters.eq(0).all(), counters
+        if used == n:  # no mask: every position attended
+            got = da.attend(q, k, v, None, counters, scale, chunks).float()
+            assert (got - ref).abs().max().item() <= max(2 * (sdpa - ref).abs().max().item(), 0.01)
+    # captured and replayed with new values in the same buffers
+    n = 1000
+    q = torch.randn(1, heads, 1, dim, device="cuda", generator=g).to(torch.bfloat16)
+    mask = torch.ones(1, 1, 1, n, dtype=torch.bool, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        da.attend(q, kc[:, :, :n], vc[:, :, :n], mask, counters, scale, chunks)  # warm
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = da.attend(q, kc[:, :, :n], vc[:, :, :n], mask, counters, scale, chunks)
+    for _ in range(3):
+        q.copy_(torch.randn(q.shape, device="cuda", generator=g))
+        kc.copy_(torch.randn(kc.shape, device="cuda", generator=g))
+        mask[..., torch.randint(0, n, (50,), device="cuda", generator=g)] = False
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _attention_fp32(q, kc[:, :, :n], vc[:, :, :n], mask, scale)
+        assert (out.float() - ref).abs().max().item() < 0.02 and counters.eq(0).all()
 
 
 def test_int4_kernel_on_cuda_computes_what_hqq_dequantizes():

@@ -38,14 +38,13 @@ the copy bandwidth); the CUDA-core GEMV it replaced 6.6 / 8.8 / 27.0 / 16.2.
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 import threading
 from typing import Optional
 
 import torch
 
 from ..memory import FAST_INT4_DEQUANT_BYTES
+from . import cuda_ext
 
 GROUP = 64
 TILE = 16  # rows per tile (the mma's M)
@@ -379,44 +378,10 @@ _CPP = ("std::vector<torch::Tensor> mm(torch::Tensor x, torch::Tensor w, torch::
         "c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> next_w, bool act);")
 
 
-def _build_dir() -> str:
-    d = os.environ.get("QUANTSCOPE_KERNEL_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "quantscope", f"int4_mma_torch{torch.__version__.replace('+', '_')}")
-    os.makedirs(d, exist_ok=True)
-    return d
-
-
 @functools.lru_cache(maxsize=1)
 def _ext():
     """The compiled extension, or the reason it cannot be built here (a string)."""
-    from torch.utils import cpp_extension
-
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if not (cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))):
-        return "nvcc (the CUDA toolkit) is not installed, so the kernel cannot be compiled"
-    if not (shutil.which("ninja") or _ninja_from_pip()):
-        return "ninja is not installed (pip install ninja), so the kernel cannot be compiled"
-    major, minor = torch.cuda.get_device_capability()
-    if major < 8:
-        return f"the kernel needs bf16 tensor cores (compute capability 8.0 or newer; this GPU has {major}.{minor})"
-    try:
-        return cpp_extension.load_inline(
-            name="quantscope_int4_mma", cpp_sources=_CPP, cuda_sources=_SRC, functions=["mm"],
-            extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
-            extra_ldflags=["-lcublas"], build_directory=_build_dir(), verbose=False)
-    except Exception as e:  # a toolkit too old for this GPU, a compiler error: say it, keep tinygemm
-        last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
-        return f"the kernel did not compile ({type(e).__name__}: {last})"
-
-
-def _ninja_from_pip() -> bool:
-    try:
-        import ninja
-    except ImportError:
-        return False
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    return True
+    return cuda_ext.build("quantscope_int4_mma", _CPP, _SRC, ["mm"], "the int4 kernel", ldflags=("-lcublas",))
 
 
 def available() -> Optional[str]:

@@ -73,7 +73,9 @@ def gqa_attention(module, query, key, value, attention_mask, *args, **kwargs):
     """transformers' SDPA attention, except for one query token inside ``torch.compile`` (the fast path's captured
     step), where (1) the keys, values and mask are cut to the step's bucket of positions (``kv_bucket``, a tensor
     whose length is the bucket's: :class:`StaticRunner` captures a graph per bucket), so a step reads the cache's
-    used positions, not all of them; (2) grouped key/value heads go to SDPA as they are (``enable_gqa=True``).
+    used positions, not all of them; (2) where the runner gave the model's attention modules the counters of
+    :mod:`engine.backends.decode_attention` (bf16, CUDA), our one-launch kernel attends; (3) else grouped
+    key/value heads go to SDPA as they are (``enable_gqa=True``).
     transformers 5.24 copies the key/value cache once per query head there (``repeat_kv``; it avoids the copy only
     outside compilation): on the static cache of an 8B model (2,048 positions) that took 0.90 ms of each token,
     against 0.30 ms for this (H200, compiled and graphed, 32 layers; bench/results/gpu_attention_h200_2026-11-26.log).
@@ -81,15 +83,24 @@ def gqa_attention(module, query, key, value, attention_mask, *args, **kwargs):
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from . import decode_attention
+
     bucket = kwargs.pop("kv_bucket", None)
     if query.shape[2] == 1 and torch.compiler.is_compiling():
         if bucket is not None:
             n = bucket.shape[0]
             key, value = key[:, :, :n], value[:, :, :n]
             attention_mask = None if attention_mask is None else attention_mask[..., :n]
-        if (getattr(module, "num_key_value_groups", 1) > 1 and kwargs.get("position_bias") is None
-                and kwargs.get("softcap") is None and key.shape[-1] == value.shape[-1]):
-            scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+        plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None and \
+            key.shape[-1] == value.shape[-1]
+        scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
+        if plain and decode_attention.usable(module, query, key, value, attention_mask):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            out = torch.ops.quantscope.decode_attention(query, key, value, attention_mask,
+                                                        getattr(module, decode_attention.COUNTERS), float(scale),
+                                                        module.quantscope_attn_chunks)
+            return out, None
+        if getattr(module, "num_key_value_groups", 1) > 1 and plain:
             out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                                    scale=scaling, enable_gqa=True)
             return out.transpose(1, 2).contiguous(), None
@@ -196,6 +207,8 @@ class StaticRunner:
         from transformers import StaticCache
         from transformers.cache_utils import StaticLayer
 
+        from . import decode_attention
+
         self.model = model
         self.max_len = int(max_len)
         self.kw = cache_keyword(model)
@@ -237,6 +250,8 @@ class StaticRunner:
         # it): where the step is compiled (the cut needs our attention function) and every layer is a plain
         # static layer (a sliding-window layer is a ring buffer: its first positions are not the oldest).
         self.bucketed = compiled and gqa and self.counter is not None
+        # and there, one query token's attention in one launch of our kernel where it builds (bf16 models)
+        self.own_attention = self.bucketed and decode_attention.prepare(model, device) is None
         # one compilation for every bucket: the bucket's length is the only dynamic size. Inductor's combo kernels
         # put independent small kernels into one launch (a layer's RoPE of q and k, its two cache writes and the
         # mask: one kernel instead of four): 8B hqq4 fast 2.80 -> 2.69 ms per token on an H200, logits as close to

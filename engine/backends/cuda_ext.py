@@ -1,0 +1,50 @@
+"""Compiling our CUDA kernels at first use (``torch.utils.cpp_extension.load_inline``): one place that says why a
+kernel cannot be built on this machine (no GPU, no nvcc, no ninja, a GPU too old, a compiler error) instead of
+raising. The built extensions are cached in ``~/.cache/quantscope`` (or ``QUANTSCOPE_KERNEL_CACHE``)."""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Union
+
+import torch
+
+
+def build_dir(name: str) -> str:
+    root = os.environ.get("QUANTSCOPE_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quantscope")
+    d = os.path.join(root, f"{name}_torch{torch.__version__.replace('+', '_')}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _ninja_from_pip() -> bool:
+    try:
+        import ninja
+    except ImportError:
+        return False
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return True
+
+
+def build(name: str, cpp: str, cuda: str, functions: list[str], what: str, ldflags: tuple[str, ...] = ()) \
+        -> Union[object, str]:
+    """The compiled extension ``name``, or the reason it cannot be built here (a string that names ``what``)."""
+    from torch.utils import cpp_extension
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not (cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))):
+        return f"nvcc (the CUDA toolkit) is not installed, so {what} cannot be compiled"
+    if not (shutil.which("ninja") or _ninja_from_pip()):
+        return f"ninja is not installed (pip install ninja), so {what} cannot be compiled"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"{what} needs bf16 tensor cores (compute capability 8.0 or newer; this GPU has {major}.{minor})"
+    try:
+        return cpp_extension.load_inline(
+            name=name, cpp_sources=cpp, cuda_sources=cuda, functions=functions,
+            extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
+            extra_ldflags=list(ldflags), build_directory=build_dir(name), verbose=False)
+    except Exception as e:  # a toolkit too old for this GPU, a compiler error: say it, the caller keeps its fallback
+        last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+        return f"{what} did not compile ({type(e).__name__}: {last})"
