@@ -428,6 +428,19 @@ def test_decode_attention_says_what_it_cannot_take_and_changes_nothing_where_it_
     assert not da.usable(attn, q, kv.transpose(2, 3), kv, mask)  # positions' features not contiguous
     r = runners.StaticRunner(model, 16, "cpu")
     assert not r.own_attention
+    # past LONGEST positions the op answers with SDPA (no kernel needed: this runs on a CPU), counters untouched
+    n = da.LONGEST + 1
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 1, 32, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(1, 2, n, 32, generator=g).to(torch.bfloat16) for _ in range(2))
+    mask = torch.rand(1, 1, 1, n, generator=g) > 0.3
+    counters = torch.zeros(2, dtype=torch.int32)
+    got = da.attend(q, k, v, mask, counters, 0.25, 8)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(2, 1),
+                                                            v.float().repeat_interleave(2, 1), attn_mask=mask,
+                                                            scale=0.25).transpose(1, 2)
+    assert got.shape == (1, 1, 4, 32) and got.is_contiguous() and counters.eq(0).all()
+    assert (got.float() - want).abs().max().item() < 0.01
 
 
 class _ReferenceKernel:

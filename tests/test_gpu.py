@@ -237,7 +237,8 @@ def _attention_fp32(q, k, v, mask, scale):
 @pytest.mark.parametrize("dim,heads,kv_heads", [(128, 32, 8), (64, 32, 8), (128, 28, 4), (64, 9, 3), (128, 8, 8)])
 def test_decode_attention_matches_fp32_attention_and_ignores_masked_positions(dim, heads, kv_heads):
     """Our one-launch decode attention against fp32 attention: lengths of one sub-chunk, several, odd ones and
-    long ones (one block per head, chunks combined by the last block); the static cache's layout (a cut of a
+    long ones (one block per head, chunks combined by the last block; past decode_attention.LONGEST the op answers
+    with SDPA); the static cache's layout (a cut of a
     longer buffer); positions past the used length holding NaN and inf (masked: they must not enter any sum);
     its counters back at zero after each launch; and inside a CUDA graph replayed with new values."""
     from engine.backends import decode_attention as da
