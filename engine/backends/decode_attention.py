@@ -286,7 +286,8 @@ static void launch(const torch::Tensor& q, const torch::Tensor& k, const torch::
 torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                      torch::Tensor counters, double scale, int64_t chunks_wanted) {
   TORCH_CHECK(q.is_cuda() && q.scalar_type() == at::kBFloat16 && q.is_contiguous() && q.dim() == 4 &&
-              q.size(0) == 1 && q.size(2) == 1, "q: contiguous bf16 [1, H, 1, D]");
+              q.size(0) == 1 && q.size(2) == 1 && (uintptr_t)q.data_ptr() % 16 == 0,
+              "q: contiguous bf16 [1, H, 1, D], 16-byte aligned");
   const int H = q.size(1), D = q.size(3), Hkv = k.size(1), n = k.size(2);
   for (const auto* t : {&k, &v}) {
     TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->size(0) == 1 && t->size(1) == Hkv &&
@@ -363,7 +364,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     if k.shape[2] > LONGEST:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).contiguous()
-    return _ext().attend(q.contiguous(), k, v, mask, counters, scale, chunks)
+    q = q.contiguous()
+    if q.data_ptr() % 16:  # the kernel reads q 16 bytes at a time
+        q = q.clone()
+    return _ext().attend(q, k, v, mask, counters, scale, chunks)
 
 
 @attend.register_fake
