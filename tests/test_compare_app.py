@@ -113,6 +113,34 @@ def test_a_pane_that_cannot_load_fails_alone(client):
 
 
 @pytest.mark.browser
+def test_browser_bad_input_keeps_the_last_comparison_on_the_page(app_url, browser_page):
+    """An empty prompt after a comparison: the message says what to do, and the panes still show that
+    comparison's answers (a refused run replaces nothing but the status line)."""
+    from playwright.sync_api import expect
+
+    page = browser_page
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Side by side").click()
+    page.locator("#cmp-prompt textarea").fill("What is the capital of France?")
+    for letter in "bcd":
+        pane = page.get_by_role("combobox", name=f"Pane {letter.upper()}")
+        pane.fill("(off)")  # the panes take typed values too
+        pane.press("Enter")
+        expect(pane).to_have_value("(off)")
+    page.get_by_label("Max new tokens").last.fill("6")
+    page.locator("#cmp-run").click()
+    status = page.locator("#cmp-status")
+    expect(status).to_contain_text("1 of 1 panes finished", timeout=180_000)
+    answer = page.locator("#cmp-text-a").inner_text()
+    assert answer.strip(), "the comparison wrote no answer"
+    page.locator("#cmp-prompt textarea").fill("")
+    page.locator("#cmp-run").click()
+    expect(status).to_contain_text("The prompt is empty", timeout=30_000)
+    expect(page.locator("#cmp-head-a")).to_contain_text("tok/s")
+    assert page.locator("#cmp-text-a").inner_text() == answer
+
+
+@pytest.mark.browser
 def test_browser_preset_compare_and_screenshot(app_url, browser_page, artifacts_dir):
     from playwright.sync_api import expect
 

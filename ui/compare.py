@@ -203,8 +203,9 @@ def status_line(state: CompareState) -> str:
 
 
 def message_only(text: str) -> list:
-    """Every output for a run that could not start: the message, empty panes."""
-    return [f"⚠️ {text}"] + [""] * MAX_PANES + [[] for _ in range(MAX_PANES)] + ["", kl_lines([]), {"error": text}]
+    """Every output for a run that could not start (or broke): the message and the error in the numbers; the
+    panes, the table and the chart keep what the last comparison showed, so a mistyped input loses nothing."""
+    return [f"⚠️ {text}"] + [gr.skip()] * (2 * MAX_PANES + 2) + [{"error": text}]
 
 
 # ---------------------------------------------------------------------------------------------
