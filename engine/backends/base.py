@@ -364,6 +364,7 @@ def compact_tensors(model, device: str) -> int:
         return d.type, d.index if d.index is not None else (torch.cuda.current_device() if d.type == "cuda" else 0)
 
     home = where(device)
+    target = torch.device(*home)  # every tensor moved lives here
 
     on_device = [t for m in model.modules() for t in [*m._parameters.values(), *m._buffers.values()]
                  if t is not None and where(t.device) == home]
@@ -378,17 +379,16 @@ def compact_tensors(model, device: str) -> int:
     params = {id(p): p for p in on_device if isinstance(p, torch.nn.Parameter) and movable(p)}
     buffers = {id(b): b for b in on_device if not isinstance(b, torch.nn.Parameter) and movable(b)}
     moved = sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()])
-    homes = {i: t.device for i, t in [*params.items(), *buffers.items()]}
     with torch.no_grad():
-        for i, p in params.items():  # the Parameter objects stay (ties and references hold); their data moves
+        for p in params.values():  # the Parameter objects stay (ties and references hold); their data moves
             p.data = p.data.to("cpu", copy=True)
         host = {i: b.to("cpu", copy=True) for i, b in buffers.items()}
         _swap_buffers(model, host)  # ids stay unique: `buffers` holds the originals until here
         buffers.clear()
         release_memory(device)  # every moved tensor's device memory is free now: whole segments go back
-        for i, p in params.items():
-            p.data = p.data.to(homes[i])
-        _swap_buffers(model, {id(h): h.to(homes[i]) for i, h in host.items()})
+        for p in params.values():
+            p.data = p.data.to(target)
+        _swap_buffers(model, {id(h): h.to(target) for h in host.values()})
     return moved
 
 

@@ -17,6 +17,7 @@ are read (a block does not wait for the mask before issuing its loads) but never
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -391,8 +392,6 @@ def prepare(model, device) -> Optional[str]:
     """Give every attention module of ``model`` the kernel's counters (a non-persistent buffer, zero) and its
     number of chunks per head (:func:`chunks_per_head`); None when done, else why the kernel is not used (and
     nothing is changed). ``QUANTSCOPE_DECODE_ATTN=0`` turns it off."""
-    import os
-
     if os.environ.get("QUANTSCOPE_DECODE_ATTN", "1") == "0":
         return "turned off (QUANTSCOPE_DECODE_ATTN=0)"
     if not str(device).startswith("cuda"):
