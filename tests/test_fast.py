@@ -476,6 +476,24 @@ class _ReferenceKernel:
         return [y, (y.float() * next_w.float()).to(torch.bfloat16),
                 y.float().pow(2).reshape(y.shape[0], -1, 16).sum(-1).T.contiguous()]
 
+    def mm_rope(self, x, w, sz, warps, loads, norm_part, eps, cos, sin, k_cache, v_cache, pos, q_rows, hd):
+        """The q+k+v call with RoPE folded in: the stacked product (q/k rows stored in int4_cuda.rope_order), each
+        q/k feature rotated with its partner as transformers' apply_rotary_pos_emb does (fp32 from the rounded
+        outputs, rounded once), k and v written into the caches at ``pos`` + token; returns q."""
+        from engine.backends import int4_cuda as ic
+
+        self.calls.append((x.shape[0], "rope"))
+        y = self.mm(x, w, sz, warps, loads, 0, norm_part, eps, None, None, False)[0]
+        self.calls.pop()
+        kv = (y.shape[1] - q_rows) // 2
+        qk = ic.rope_unorder(y[:, :q_rows + kv], hd).float().unflatten(-1, (-1, hd))  # [M, heads, hd]
+        rot = torch.cat([-qk[..., hd // 2:], qk[..., :hd // 2]], dim=-1)
+        qk = (qk * cos.float()[:, None] + rot * sin.float()[:, None]).to(torch.bfloat16)
+        p = int(pos) + torch.arange(x.shape[0])
+        k_cache[0, :, p] = qk[:, q_rows // hd:].transpose(0, 1)
+        v_cache[0, :, p] = y[:, q_rows + kv:].unflatten(-1, (-1, hd)).transpose(0, 1)
+        return qk[:, :q_rows // hd].flatten(1)
+
 
 @pytest.fixture()
 def reference_kernel(monkeypatch):
@@ -573,10 +591,10 @@ def test_a_norm_input_and_its_partial_sums_give_transformers_rmsnorm():
     assert (got - want).abs().max().item() <= 2 ** -7 * want.abs().max().item()
 
 
-def _tiny(arch: str):
+def _tiny(arch: str, hidden: int = 128):
     import transformers as tf
 
-    cfg = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+    cfg = dict(hidden_size=hidden, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                num_hidden_layers=2, vocab_size=320, max_position_embeddings=256, rms_norm_eps=1e-5)
     config = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch](**cfg)
     torch.manual_seed(11)
@@ -613,8 +631,9 @@ def _quantized_copies(model):
 
 
 def _on_our_gemv(model, hqq, fuse_layers: bool):
-    """A copy of ``model`` on our GEMV as ``int4.convert`` builds it on CUDA: q/k/v stacked, gated MLP, o_proj;
-    with ``fuse_layers`` the decoder layers fused too."""
+    """A copy of ``model`` on our GEMV as ``int4.convert`` builds it on CUDA: q/k/v stacked (stored for the RoPE
+    fold where ``int4_fusion.rope_head_dim`` says so), gated MLP, o_proj; with ``fuse_layers`` the decoder layers
+    fused too."""
     import copy
 
     from engine.backends import int4_cuda as ic
@@ -624,9 +643,10 @@ def _on_our_gemv(model, hqq, fuse_layers: bool):
     for i, layer in enumerate(ours.model.layers):
         p = f"model.layers.{i}"
         attn = layer.self_attn
-        ic.fuse_codes(attn, ("q_proj", "k_proj", "v_proj"), [hqq[f"{p}.self_attn.{n}"].meta["shape"][0]
-                      for n in ("q_proj", "k_proj", "v_proj")],
-                      (int4.codes(hqq[f"{p}.self_attn.{n}"]) for n in ("q_proj", "k_proj", "v_proj")))
+        qkv = [hqq[f"{p}.self_attn.{n}"] for n in ("q_proj", "k_proj", "v_proj")]
+        sizes = [h.meta["shape"][0] for h in qkv]
+        ic.fuse_codes(attn, ("q_proj", "k_proj", "v_proj"), sizes, (int4.codes(h) for h in qkv),
+                      rope_head_dim=fu.rope_head_dim(attn, sizes, qkv[0].bias is not None))
         attn.o_proj = ic.from_codes(*int4.codes(hqq[f"{p}.self_attn.o_proj"]))
         layer.mlp = fu.gated_mlp(*(int4.codes(hqq[f"{p}.mlp.{n}"]) for n in ("gate_proj", "up_proj", "down_proj")))
         assert fu.why_not_layer(layer) is None
@@ -636,8 +656,9 @@ def _on_our_gemv(model, hqq, fuse_layers: bool):
     return ours
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_a_fused_decoder_layer_computes_what_transformers_layer_computes(arch, reference_kernel, monkeypatch):
+@pytest.mark.parametrize("arch,hidden", [("llama", 128), ("qwen2", 128), ("mistral", 128), ("llama", 256)])
+def test_a_fused_decoder_layer_computes_what_transformers_layer_computes(arch, hidden, reference_kernel,
+                                                                         monkeypatch):
     """Norms, residual adds and SiLU * up folded into the GEMV (engine/backends/int4_fusion.py), on the kernel's
     reference arithmetic: the whole model's logits match the plain path's (same 4-bit weights, transformers'
     layers) as closely as our GEMV without the layer fusion does, for decode-sized inputs (the kernel's fused
@@ -649,9 +670,12 @@ def test_a_fused_decoder_layer_computes_what_transformers_layer_computes(arch, r
 
     norm_inputs, norm_input = [], ic.norm_input
     monkeypatch.setattr(ic, "norm_input", lambda h, w: norm_inputs.append(1) or norm_input(h, w))
-    model = _tiny(arch)
+    model = _tiny(arch, hidden)
     plain, hqq = _quantized_copies(model)
     unfused, fused = _on_our_gemv(model, hqq, False), _on_our_gemv(model, hqq, True)
+    # heads of 64 features (hidden 256) without q/k/v biases: q and k rows stored for the RoPE fold, which eager
+    # forwards put back in the heads' order
+    assert (fused.model.layers[0].self_attn.fused_q_k_v.rope is not None) == (hidden == 256 and arch != "qwen2")
     assert type(fused.model.layers[0]).__name__ == "Fused" + type(model.model.layers[0]).__name__
     assert isinstance(fused.model.layers[0].self_attn.o_proj, fu.AddsResidual)
     rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
@@ -680,6 +704,80 @@ def test_a_fused_decoder_layer_computes_what_transformers_layer_computes(arch, r
                                                                                   rel(h_base, h_want))
             agree = (got.logits.argmax(-1) == want.logits.argmax(-1)).float().mean().item()
             assert agree >= 0.8, (tokens, agree)
+
+
+def test_the_rope_fold_step_attends_and_fills_the_cache_as_transformers_layers_do(reference_kernel, monkeypatch):
+    """The fast path's one-token step with RoPE and the cache writes inside the q+k+v GEMV
+    (int4_fusion.folded_attention), on the kernels' reference arithmetic (CPU: int4_cuda's extension replaced by
+    _ReferenceKernel, the attention kernel by SDPA): after the same prompt and the same tokens, each step's logits
+    and the cache's keys and values match the step through transformers' attention (same fused model, RoPE and
+    cache.update as separate ops) within bf16 rounding; the fold runs once per layer and step, only where the
+    runner's attention modules hold the attention kernel's counters."""
+    from engine.backends import decode_attention as da
+
+    class SdpaAttention:
+        def attend(self, q, k, v, mask, counters, scale, chunks):
+            out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                                   scale=scale, enable_gqa=True)
+            return out.transpose(1, 2).contiguous().to(q.dtype)
+
+    monkeypatch.setattr(da, "_ext", lambda: SdpaAttention())
+    model = _tiny("llama", 256)  # heads of 64 features, 2 query heads per key/value head
+    plain, hqq = _quantized_copies(model)
+    fused = _on_our_gemv(model, hqq, True)
+    g = torch.Generator().manual_seed(3)
+    prompt, steps = torch.randint(0, 320, (1, 9), generator=g), torch.randint(0, 320, (4, 1, 1), generator=g)
+    bucket = torch.empty(16, dtype=torch.uint8)  # the step's attention length (9 + 4 positions used)
+    runs = {}
+    for fold in (False, True, "compiled"):
+        if fold is True:  # what decode_attention.prepare gives each attention module on CUDA
+            for m in fused.modules():
+                if hasattr(m, "num_key_value_groups"):
+                    m.register_buffer(da.COUNTERS, torch.zeros(2, dtype=torch.int32), persistent=False)
+                    m.quantscope_attn_chunks = 4
+        r = runners.StaticRunner(fused, 32, "cpu")
+        step = r._forward
+        if fold == "compiled":  # as the runner's step is compiled on CUDA (here without inductor's code generation:
+            # the graph, its functionalized cache writes and their order are what is checked)
+            torch._dynamo.reset()
+            step = torch.compile(r._forward, backend="aot_eager")
+            torch._dynamo.mark_dynamic(bucket, 0)
+        reference_kernel.calls.clear()
+        with torch.inference_mode():
+            r.prefill(prompt)
+            logits = [step(tok, bucket) for tok in steps]
+        rope_calls = sum(1 for c in reference_kernel.calls if c[1] == "rope")
+        runs[fold] = logits, r.cache.layers, rope_calls
+    (want, want_layers, none), (got, got_layers, calls) = runs[False], runs[True]
+    assert none == 0 and calls == len(steps) * len(fused.model.layers)
+    compiled, compiled_layers, compiled_calls = runs["compiled"]
+    assert compiled_calls >= calls  # tracing runs the op too
+    for a, b in zip(compiled, got):
+        assert torch.equal(a, b)
+    for lc, lg in zip(compiled_layers, got_layers):
+        assert torch.equal(lc.keys, lg.keys) and torch.equal(lc.values, lg.values)
+    rel = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
+    for a, b in zip(got, want):
+        assert rel(a, b) < 0.015 and torch.equal(a.argmax(-1), b.argmax(-1))  # a wrong RoPE sign: 0.036
+    used = prompt.shape[1] + len(steps)
+    for lg, lw in zip(got_layers, want_layers):
+        assert torch.equal(lg.keys[:, :, :prompt.shape[1]], lw.keys[:, :, :prompt.shape[1]])  # the prompt's: eager
+        assert rel(lg.keys[:, :, :used], lw.keys[:, :, :used]) < 0.015
+        assert rel(lg.values[:, :, :used], lw.values[:, :, :used]) < 0.015
+        assert lg.keys[:, :, used:].eq(0).all() and lg.values[:, :, used:].eq(0).all()
+
+
+def test_rope_order_pairs_each_feature_with_its_partner_in_one_tile():
+    from engine.backends import int4_cuda as ic
+
+    for hd in (64, 128):
+        rows = torch.arange(3 * hd)
+        stored = ic.rope_order(rows, hd)
+        for s in (0, 5, 8, 15, 16, hd - 1, hd + 17, 2 * hd + 30):
+            head, w = divmod(s, hd)
+            t, r = divmod(w, 16)
+            assert stored[s] == head * hd + (8 * t + r if r < 8 else hd // 2 + 8 * t + r - 8)
+        assert torch.equal(ic.rope_unorder(stored[None], hd)[0], rows)
 
 
 def test_two_eager_runs_of_one_fused_model_at_once_get_their_own_results(reference_kernel):
@@ -734,6 +832,23 @@ def test_only_layers_written_like_llamas_are_fused():
     for group in (fu.LAYERS, fu.MLPS, fu.NORMS):
         sources = {inspect.getsource(cls(n).forward) for n in group}
         assert len(sources) == 1, group
+    # the RoPE fold (int4_fusion.folded_attention) does what these attention forwards' bodies do: q/k/v, RoPE with
+    # rotate_half, cache.update, attention with self.scaling, o_proj (Mistral and Qwen2 also pass their sliding
+    # window, which the fold declines: int4_fusion.rope_head_dim; their signatures' annotations differ)
+    def body(n):
+        mod = importlib.import_module(f"transformers.models.{n[:-9].lower()}.modeling_{n[:-9].lower()}")
+        lines = inspect.getsource(getattr(mod, n).forward).splitlines()
+        start = next(i for i, line in enumerate(lines) if line.strip().startswith(") ->")) + 1
+        return "\n".join(line for line in lines[start:] if "sliding_window" not in line)
+
+    attn = {n: body(n) for n in fu.ATTENTIONS}
+    assert len(set(attn.values())) == 1, fu.ATTENTIONS
+    src = attn["LlamaAttention"]
+    assert "apply_rotary_pos_emb(query_states, key_states, cos, sin)" in src and "cache.update(" in src
+    assert "scaling=self.scaling" in src and "self.o_proj(attn_output)" in src and "norm" not in src
+    for n in fu.ATTENTIONS:
+        mod = importlib.import_module(f"transformers.models.{n[:-9].lower()}.modeling_{n[:-9].lower()}")
+        assert mod.rotate_half(torch.arange(4.0)).tolist() == [-2.0, -3.0, 0.0, 1.0], n
     assert fu.why_not_layer(torch.nn.Linear(2, 2)) == "Linear is not a Llama-style decoder layer"
     layer = _tiny("llama").model.layers[0]
     assert fu.why_not_layer(layer) == "q/k/v are not one int4 GEMV"

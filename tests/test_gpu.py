@@ -174,6 +174,9 @@ def test_fast_path_is_captured_at_load_and_replayed(loaded):
         # tinygemm
         want = "QuantScope int4 GEMV" if int4_cuda.available() is None else "int4 kernel"
         assert lm.info["hqq_backend"] == want, lm.info
+        if want.startswith("QuantScope"):  # q/k rows stored for the RoPE fold (Llama, heads of 64, no biases)
+            attn = lm.model.model.layers[0].self_attn
+            assert attn.fused_q_k_v.rope == (cfg.head_dim, cfg.num_attention_heads * cfg.head_dim)
     _, m, _ = collect(lm, GenerationSettings(max_new_tokens=16, temperature=0.0))
     assert m.decode_path == "fast: static cache + CUDA graph" and m.tokens == 16
     assert lm.fast_runner.graph is graph  # replayed, not captured again
@@ -388,8 +391,13 @@ def test_our_int4_gemv_folds_in_the_norm_the_residual_add_and_silu_times_up():
             want = torch.nn.functional.silu(g_lin(x)) * u_lin(x)
             got = gate_up(x)
             if decode:
+                # gate and up come from sums added in another order (the interleaved layer's launch shape is timed
+                # on its own): a sum on a rounding boundary can round to the next bf16 value (up to 2^-7 of the
+                # value), before SiLU and the product round again: two bf16 steps, for under 1% of the outputs
                 diff = (got.float() - want.float()).abs()
-                assert (diff <= 2 ** -7 * want.float().abs() + 1e-3 * want.float().abs().max()).all(), m
+                bound = 2 ** -6 * want.float().abs() + 1e-3 * want.float().abs().max()
+                worst = (diff / bound).max().item()
+                assert worst <= 1, (m, worst, (got != want).float().mean().item())
                 assert (got != want).float().mean().item() < 0.01, m
             else:
                 assert close(got, want, 0.01), m
@@ -409,6 +417,108 @@ def test_our_int4_gemv_folds_in_the_norm_the_residual_add_and_silu_times_up():
             ref_u = ref @ ic.dequantize(u_lin.words, u_lin.sz).float().T
             assert close(g_lin(xn, norm=(part, 1e-5)), ref_g, 0.01), m
             assert close(gate_up(xn, norm=(part, 1e-5)), torch.nn.functional.silu(ref_g) * ref_u, 0.02), m
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (32, 8, 64)])
+def test_the_rope_fold_rotates_q_and_k_and_writes_the_cache_as_transformers_does(heads, kv_heads, head_dim):
+    """A q+k+v GEMV stored for the RoPE fold (int4_cuda.qkv_rope), at an 8B's and a 1B's attention shapes, against
+    the same codes stacked the usual way followed by transformers' apply_rotary_pos_emb and the cache write: q
+    rotated, k rotated and v at the position in the cache (within one bf16 step: one rounding instead of three),
+    every other position untouched; its eager outputs (the rows put back in the heads' order) equal the usual
+    stacking's bit for bit; inside a CUDA graph replayed at a new position too."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from engine.backends import int4, int4_cuda as ic
+
+    why = ic.available()
+    if why:
+        pytest.skip(why)
+    torch.manual_seed(2)
+    hidden = 4096 if head_dim == 128 else 2048
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    codes = []
+    for n in sizes:
+        lin = torch.nn.Linear(hidden, n, bias=False).to(torch.bfloat16)
+        codes.append(int4.codes(HQQLinear(lin, BaseQuantizeConfig(nbits=4, group_size=64),
+                                          compute_dtype=torch.bfloat16, device="cuda")))
+    names = ("q_proj", "k_proj", "v_proj")
+    usual, roped = torch.nn.Module(), torch.nn.Module()
+    ic.fuse_codes(usual, names, sizes, iter(codes))
+    group = ic.fuse_codes(roped, names, sizes, iter(codes), rope_head_dim=head_dim)
+    for m in (usual, roped):
+        m.fused_q_k_v.linear.set_mode("norm")
+    norm_w = (torch.rand(hidden, device="cuda") + 0.5).to(torch.bfloat16)
+    length = 300
+    k_cache, v_cache = (torch.randn(1, kv_heads, length, head_dim, device="cuda").to(torch.bfloat16)
+                        for _ in range(2))
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+
+    def rotary(position):
+        freqs = position * inv_freq
+        emb = torch.cat([freqs, freqs])[None, None]
+        return emb.cos().to(torch.bfloat16), emb.sin().to(torch.bfloat16)
+
+    def expected(x, part, position):
+        ic.put(usual.fused_q_k_v, "norm", (part, 1e-5))
+        q, k, v = (getattr(usual, n)(x).view(1, 1, -1, head_dim).transpose(1, 2) for n in names)
+        ic.put(usual.fused_q_k_v, "norm", None)
+        cos, sin = rotary(position)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q.transpose(1, 2).reshape(1, 1, -1), k[0, :, 0], v[0, :, 0]
+
+    def close(got, want):  # one bf16 step of the larger value
+        return ((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs().max()).all()
+
+    with torch.inference_mode():
+        for position in (0, 137):
+            x = torch.randn(1, 1, hidden, device="cuda", dtype=torch.bfloat16)
+            xn, part = ic.norm_input(x, norm_w)
+            # eager outputs of the stored-for-RoPE group: the usual ones, bit for bit
+            for t in (1, 5, ic.DEQUANT_MIN_TOKENS + 3):
+                xt = torch.randn(1, t, hidden, device="cuda", dtype=torch.bfloat16)
+                for n in names:
+                    assert torch.equal(getattr(roped, n)(xt), getattr(usual, n)(xt)), (n, t)
+            kc, vc = k_cache.clone(), v_cache.clone()
+            pos = torch.tensor(position, device="cuda")
+            cos, sin = rotary(position)
+            ic.put(group, "norm", (part, 1e-5))
+            q = ic.qkv_rope(group, xn, cos, sin, kc, vc, pos)
+            ic.put(group, "norm", None)
+            want_q, want_k, want_v = expected(xn, part, position)
+            assert q.shape == want_q.shape and close(q, want_q), position
+            assert close(kc[0, :, position], want_k) and close(vc[0, :, position], want_v), position
+            others = torch.ones(length, dtype=torch.bool, device="cuda")
+            others[position] = False
+            assert torch.equal(kc[:, :, others], k_cache[:, :, others])
+            assert torch.equal(vc[:, :, others], v_cache[:, :, others])
+        # captured once, replayed at another position with new inputs
+        x_in = torch.randn(1, 1, hidden, device="cuda", dtype=torch.bfloat16)
+        xn, part = ic.norm_input(x_in, norm_w)
+        pos, (cos, sin) = torch.tensor(5, device="cuda"), rotary(5)
+        kc, vc = k_cache.clone(), v_cache.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ic.put(group, "norm", (part, 1e-5))
+            ic.qkv_rope(group, xn, cos, sin, kc, vc, pos)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=s):
+            q_out = ic.qkv_rope(group, xn, cos, sin, kc, vc, pos)
+        ic.put(group, "norm", None)
+        x_new = torch.randn(1, 1, hidden, device="cuda", dtype=torch.bfloat16)
+        xn2, part2 = ic.norm_input(x_new, norm_w)
+        xn.copy_(xn2)
+        part.copy_(part2)
+        pos.fill_(211)
+        c2, s2 = rotary(211)
+        cos.copy_(c2)
+        sin.copy_(s2)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_q, want_k, want_v = expected(xn2, part2, 211)
+        assert close(q_out, want_q) and close(kc[0, :, 211], want_k) and close(vc[0, :, 211], want_v)
 
 
 def test_reloading_a_fast_model_reuses_its_streams_and_leaves_no_memory_behind(checkpoint):

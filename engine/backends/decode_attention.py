@@ -382,6 +382,12 @@ def usable(module, query, key, value, mask) -> bool:
     counters = getattr(module, COUNTERS, None)
     if counters is None or query.shape[0] != 1 or query.shape[2] != 1 or query.dtype != torch.bfloat16:
         return False
+    return usable_cache(key, value, mask)
+
+
+def usable_cache(key, value, mask) -> bool:
+    """Whether the kernel reads these keys and values (each position's features contiguous) with this mask (boolean,
+    one row, or none)."""
     if key.stride(-1) != 1 or key.stride(-2) != key.shape[-1] or value.stride(-1) != 1 \
             or value.stride(-2) != value.shape[-1]:
         return False

@@ -140,7 +140,7 @@ def convert(model, device: str) -> Conversion:
         from . import int4_cuda
 
         ours = int4_cuda
-    done, fused, reasons, kernels, why_tiny = 0, 0, {}, {"ours": 0, "tinygemm": 0}, {}
+    done, fused, reasons, kernels, why_tiny, roped = 0, 0, {}, {"ours": 0, "tinygemm": 0}, {}, 0
 
     def why_ours(layer) -> Optional[str]:
         out_f, in_f = (int(d) for d in layer.meta["shape"])
@@ -168,7 +168,11 @@ def convert(model, device: str) -> Conversion:
                 continue
             if len({int(x.meta["shape"][1]) for x in layers}) != 1 or len({x.bias is None for x in layers}) != 1:
                 continue
-            ours.fuse_codes(parent, names, [int(x.meta["shape"][0]) for x in layers], (codes(x) for x in layers))
+            sizes = [int(x.meta["shape"][0]) for x in layers]
+            rope = fusion.rope_head_dim(parent, sizes, layers[0].bias is not None) if fusion and len(names) == 3 \
+                else None
+            ours.fuse_codes(parent, names, sizes, (codes(x) for x in layers), rope_head_dim=rope)
+            roped += bool(rope)
             done, fused, kernels["ours"] = done + len(layers), fused + 1, kernels["ours"] + len(layers)
         for name, child in list(parent.named_children()):
             if not isinstance(child, HQQLinear):
@@ -196,7 +200,8 @@ def convert(model, device: str) -> Conversion:
     if fusion:
         layers, left = fusion.fuse_decoder_layers(model)
         if layers:
-            notes.append(f"{layers} decoder layers with their RMSNorms, residual adds and SiLU * up inside the GEMVs")
+            notes.append(f"{layers} decoder layers with their RMSNorms, residual adds and SiLU * up inside the GEMVs"
+                         + (f"; in {roped}, RoPE and the cache writes too (the compiled decode step)" if roped else ""))
         notes += [f"{n} decoder layer(s) not fused: {why}" for why, n in left.items()]
     if kernels["tinygemm"]:
         notes.append(f"{kernels['tinygemm']} layers on PyTorch's int4 kernel (tinygemm)" +

@@ -26,7 +26,9 @@ bf16 zero term per group of 64 input features):
   ``g`` and ``g + 8`` (one 8-byte load per lane group).
 
 Folded into a decode call where a Llama-style decoder layer allows (:data:`MODES`, :mod:`engine.backends.int4_fusion`):
-an RMSNorm of the input, the residual add (with the next norm's input), SiLU(gate) * up.
+an RMSNorm of the input, the residual add (with the next norm's input), SiLU(gate) * up; and in the fast path's
+one-token step, RoPE of q and k with the key/value cache writes (:func:`qkv_rope`; q and k rows stored in
+:func:`rope_order`, so that each feature's RoPE partner is in the same 16-row tile).
 
 Requires N a multiple of 16 and K a multiple of 64 (group size 64); other layers keep tinygemm (:func:`why_not`).
 Compiled at first use with ``torch.utils.cpp_extension.load_inline`` (needs nvcc and ninja; ~50 s, cached in
@@ -94,12 +96,26 @@ __device__ __forceinline__ void mma_bf16(float* d, uint32_t a0, uint32_t a1, uin
 //   next_w) (the next norm's input) and part_out [N / 16, M]: the sum of y^2 over this tile's 16 rows;
 // - act: tile rows 0-7 are gate rows and 8-15 the matching up rows (gate_up_from_codes interleaves them),
 //   y = bf16(silu(bf16(gate))) * bf16(up), rounded as the separate ops round.
+// RoPE folded into a q+k+v GEMV (hd > 0; int4_fusion.folded_attention, the decode step): q and k rows are stored
+// permuted within each head (int4_cuda.rope_order), so that a 16-row tile holds features 8t..8t+7 (rows 0-7) and
+// their RoPE partners hd/2 + 8t.. (rows 8-15); y = q rotated, in the heads' feature order [M, q_rows]; k rotated
+// and v are written into the static cache's layers k, v [Hkv, positions, hd] at position pos[0] + token.
+struct Rope {
+  const __nv_bfloat16* cos;  // [M, hd], as transformers' rotary embedding gives it
+  const __nv_bfloat16* sin;
+  __nv_bfloat16* k;
+  __nv_bfloat16* v;
+  const int64_t* pos;
+  int q_rows, kv_rows, hd;
+  long head_stride;  // elements per key/value head of the cache
+};
+
 template <int KS, int U, bool NORM>
 __device__ __forceinline__ void mma_int4_body(const __nv_bfloat16* __restrict__ x,
     const uint4* __restrict__ W, const uint2* __restrict__ SZ, __nv_bfloat16* __restrict__ y, int M, int N, int K,
     const float* __restrict__ norm_part, int P, float eps, const __nv_bfloat16* __restrict__ res,
     const __nv_bfloat16* __restrict__ next_w, __nv_bfloat16* __restrict__ xn, float* __restrict__ part_out,
-    bool act) {
+    bool act, const Rope& rp) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x, m0 = blockIdx.y * 8, G = K >> 6;
   const int per = (G + KS - 1) / KS, g0 = warp * per, g1 = min(G, g0 + per);
@@ -203,6 +219,26 @@ __device__ __forceinline__ void mma_int4_body(const __nv_bfloat16* __restrict__ 
       continue;
     }
     __nv_bfloat16 v = __float2bfloat16(s * scale);
+    if (rp.hd) {  // RoPE fold: a q/k row and its partner (r ^ 8) rotated, rounded as the separate ops round
+      if (!ok) continue;
+      const int hd = rp.hd, tok = m0 + c;
+      const long p = (long)rp.pos[0] + tok;
+      if (n0 < rp.q_rows + rp.kv_rows) {
+        float s2 = 0.f;
+#pragma unroll
+        for (int k = 0; k < KS; ++k) s2 += red[k][c][r ^ 8];
+        const float a = __bfloat162float(v), b = __bfloat162float(__float2bfloat16(s2 * scale));
+        const int t16 = (n0 % hd) >> 4, f = r < 8 ? 8 * t16 + r : (hd >> 1) + 8 * t16 + r - 8;
+        const float cf = __bfloat162float(rp.cos[(size_t)tok * hd + f]);
+        const float sf = __bfloat162float(rp.sin[(size_t)tok * hd + f]);
+        const __nv_bfloat16 o = __float2bfloat16(r < 8 ? a * cf - b * sf : a * cf + b * sf);
+        if (n0 < rp.q_rows) y[(size_t)tok * rp.q_rows + n0 / hd * hd + f] = o;
+        else rp.k[(size_t)((n0 - rp.q_rows) / hd) * rp.head_stride + p * hd + f] = o;
+      } else {
+        rp.v[(size_t)((n0 - rp.q_rows - rp.kv_rows) / hd) * rp.head_stride + p * hd + n0 % hd + r] = v;
+      }
+      continue;
+    }
     if (res && ok) v = __float2bfloat16(__bfloat162float(res[(size_t)(m0 + c) * N + n0 + r]) + __bfloat162float(v));
     if (ok) y[(size_t)(m0 + c) * N + n0 + r] = v;
     if (part_out) {  // lanes 16h .. 16h + 15 hold token c's 16 rows
@@ -221,8 +257,9 @@ __device__ __forceinline__ void mma_int4_body(const __nv_bfloat16* __restrict__ 
 #define MMA_INT4_ARGS const __nv_bfloat16* __restrict__ x, const uint4* __restrict__ W, \
     const uint2* __restrict__ SZ, __nv_bfloat16* __restrict__ y, int M, int N, int K, \
     const float* __restrict__ norm_part, int P, float eps, const __nv_bfloat16* __restrict__ res, \
-    const __nv_bfloat16* __restrict__ next_w, __nv_bfloat16* __restrict__ xn, float* __restrict__ part_out, bool act
-#define MMA_INT4_PASS x, W, SZ, y, M, N, K, norm_part, P, eps, res, next_w, xn, part_out, act
+    const __nv_bfloat16* __restrict__ next_w, __nv_bfloat16* __restrict__ xn, float* __restrict__ part_out, bool act, \
+    const Rope rp
+#define MMA_INT4_PASS x, W, SZ, y, M, N, K, norm_part, P, eps, res, next_w, xn, part_out, act, rp
 
 template <int KS, int U>
 __global__ void __launch_bounds__(32 * KS) mma_int4(MMA_INT4_ARGS) {
@@ -277,13 +314,35 @@ struct Fusions {
 
 template <int KS, int U>
 static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz, torch::Tensor& y,
-                   int M, int N, int K, const Fusions& f) {
+                   int M, int N, int K, const Fusions& f, const Rope& rp) {
   dim3 grid(N / 16, (M + 7) / 8);
   auto kernel = f.norm_part ? mma_int4_norm<KS, U> : mma_int4<KS, U>;
   kernel<<<grid, 32 * KS, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const uint4*>(w.data_ptr()),
       reinterpret_cast<const uint2*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), M, N, K,
-      f.norm_part, f.P, f.eps, f.res, f.next_w, f.xn, f.part_out, f.act);
+      f.norm_part, f.P, f.eps, f.res, f.next_w, f.xn, f.part_out, f.act, rp);
+}
+
+static void dispatch(int64_t ks, int64_t u, const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz,
+                     torch::Tensor& y, int M, int N, int K, const Fusions& f, const Rope& rp) {
+  switch (ks * 10 + u) {
+    case 24: launch<2, 4>(x, w, sz, y, M, N, K, f, rp); break;
+    case 44: launch<4, 4>(x, w, sz, y, M, N, K, f, rp); break;
+    case 84: launch<8, 4>(x, w, sz, y, M, N, K, f, rp); break;
+    case 42: launch<4, 2>(x, w, sz, y, M, N, K, f, rp); break;
+    case 82: launch<8, 2>(x, w, sz, y, M, N, K, f, rp); break;
+    case 162: launch<16, 2>(x, w, sz, y, M, N, K, f, rp); break;
+    case 164: launch<16, 4>(x, w, sz, y, M, N, K, f, rp); break;
+    default: TORCH_CHECK(false, "no such configuration");
+  }
+}
+
+static void check_x(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz) {
+  TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 &&
+              x.size(1) == w.size(1) * 8, "x: contiguous bf16 [M, K]");
+  TORCH_CHECK(w.scalar_type() == at::kInt && w.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
+              sz.is_contiguous(), "words int32 and sz bf16, contiguous");
+  TORCH_CHECK(w.size(1) * 8 % 64 == 0 && w.size(0) % 16 == 0, "K must be a multiple of 64 and N of 16");
 }
 
 static void check(const torch::Tensor& t, at::ScalarType dtype, int64_t numel, const char* what) {
@@ -299,12 +358,8 @@ static void check(const torch::Tensor& t, at::ScalarType dtype, int64_t numel, c
 std::vector<torch::Tensor> mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t ks, int64_t u,
     int64_t chunk_rows, c10::optional<torch::Tensor> norm_part, double eps, c10::optional<torch::Tensor> residual,
     c10::optional<torch::Tensor> next_w, bool act) {
-  TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && x.dim() == 2 &&
-              x.size(1) == w.size(1) * 8, "x: contiguous bf16 [M, K]");
-  TORCH_CHECK(w.scalar_type() == at::kInt && w.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
-              sz.is_contiguous(), "words int32 and sz bf16, contiguous");
+  check_x(x, w, sz);
   const int M = x.size(0), N = w.size(0), K = w.size(1) * 8;
-  TORCH_CHECK(K % 64 == 0 && N % 16 == 0, "K must be a multiple of 64 and N of 16");
   auto stream = at::cuda::getCurrentCUDAStream();
   if (chunk_rows > 0) {
     TORCH_CHECK(!norm_part.has_value() && !residual.has_value() && !next_w.has_value() && !act,
@@ -359,29 +414,57 @@ std::vector<torch::Tensor> mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz
     out.push_back(xn);
     out.push_back(part);
   }
-  switch (ks * 10 + u) {
-    case 24: launch<2, 4>(x, w, sz, y, M, N, K, f); break;
-    case 44: launch<4, 4>(x, w, sz, y, M, N, K, f); break;
-    case 84: launch<8, 4>(x, w, sz, y, M, N, K, f); break;
-    case 42: launch<4, 2>(x, w, sz, y, M, N, K, f); break;
-    case 82: launch<8, 2>(x, w, sz, y, M, N, K, f); break;
-    case 162: launch<16, 2>(x, w, sz, y, M, N, K, f); break;
-    case 164: launch<16, 4>(x, w, sz, y, M, N, K, f); break;
-    default: TORCH_CHECK(false, "no such configuration");
-  }
+  dispatch(ks, u, x, w, sz, y, M, N, K, f, Rope{});
   return out;
+}
+
+// A q+k+v GEMV with RoPE folded in (struct Rope): returns q rotated [M, q_rows]; writes k rotated and v into the
+// cache layers k_cache, v_cache [1, Hkv, positions, hd] at position pos + token. norm_part as in mm.
+torch::Tensor mm_rope(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t ks, int64_t u,
+    c10::optional<torch::Tensor> norm_part, double eps, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+    torch::Tensor v_cache, torch::Tensor pos, int64_t q_rows, int64_t hd) {
+  check_x(x, w, sz);
+  const int M = x.size(0), N = w.size(0), K = w.size(1) * 8;
+  const int kv_rows = (N - (int)q_rows) / 2;
+  TORCH_CHECK(hd % 16 == 0 && hd > 0 && q_rows % hd == 0 && kv_rows % hd == 0 && q_rows + 2 * kv_rows == N,
+              "rows: q_rows + 2 * kv_rows, whole heads of a multiple of 16 features");
+  check(cos, at::kBFloat16, (int64_t)M * hd, "cos");
+  check(sin, at::kBFloat16, (int64_t)M * hd, "sin");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.size(1) * hd == kv_rows && k_cache.size(3) == hd,
+              "k_cache: [1, Hkv, positions, hd]");
+  check(k_cache, at::kBFloat16, k_cache.numel(), "k_cache");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache: as k_cache");
+  check(v_cache, at::kBFloat16, k_cache.numel(), "v_cache");
+  check(pos, at::kLong, 1, "pos");
+  Fusions f{nullptr, 0, (float)eps, nullptr, nullptr, nullptr, nullptr, false};
+  if (norm_part.has_value()) {
+    check(*norm_part, at::kFloat, (int64_t)K / 16 * M, "norm_part");
+    f.norm_part = norm_part->data_ptr<float>();
+    f.P = K / 16;
+  }
+  Rope rp{reinterpret_cast<const __nv_bfloat16*>(cos.data_ptr()),
+          reinterpret_cast<const __nv_bfloat16*>(sin.data_ptr()),
+          reinterpret_cast<__nv_bfloat16*>(k_cache.data_ptr()), reinterpret_cast<__nv_bfloat16*>(v_cache.data_ptr()),
+          pos.data_ptr<int64_t>(), (int)q_rows, kv_rows, (int)hd, (long)(k_cache.size(2) * hd)};
+  auto y = torch::empty({M, q_rows}, x.options());
+  dispatch(ks, u, x, w, sz, y, M, N, K, f, rp);
+  return y;
 }
 """
 
 _CPP = ("std::vector<torch::Tensor> mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t ks, int64_t u, "
         "int64_t chunk_rows, c10::optional<torch::Tensor> norm_part, double eps, "
-        "c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> next_w, bool act);")
+        "c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> next_w, bool act);"
+        "torch::Tensor mm_rope(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_t ks, int64_t u, "
+        "c10::optional<torch::Tensor> norm_part, double eps, torch::Tensor cos, torch::Tensor sin, "
+        "torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor pos, int64_t q_rows, int64_t hd);")
 
 
 @functools.lru_cache(maxsize=1)
 def _ext():
     """The compiled extension, or the reason it cannot be built here (a string)."""
-    return cuda_ext.build("quantscope_int4_mma", _CPP, _SRC, ["mm"], "the int4 kernel", ldflags=("-lcublas",))
+    return cuda_ext.build("quantscope_int4_mma", _CPP, _SRC, ["mm", "mm_rope"], "the int4 kernel",
+                          ldflags=("-lcublas",))
 
 
 def available() -> Optional[str]:
@@ -620,6 +703,50 @@ def _(x2, words, sz, warps, loads, residual, next_w):
     return x2.new_empty((m, n)), x2.new_empty((m, n)), x2.new_empty((n // 16, m), dtype=torch.float32)
 
 
+@torch.library.custom_op("quantscope::int4_qkv_rope", mutates_args=("k_cache", "v_cache"))
+def _int4_qkv_rope(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int,
+                   norm_part: Optional[torch.Tensor], eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor, q_rows: int,
+                   head_dim: int) -> torch.Tensor:
+    if x2.data_ptr() % 16:
+        x2 = x2.clone()
+    return _ext().mm_rope(x2, words, sz, warps, loads, norm_part, eps, cos.contiguous(), sin.contiguous(), k_cache,
+                          v_cache, position, q_rows, head_dim)
+
+
+@_int4_qkv_rope.register_fake
+def _(x2, words, sz, warps, loads, norm_part, eps, cos, sin, k_cache, v_cache, position, q_rows, head_dim):
+    return x2.new_empty((x2.shape[0], q_rows))
+
+
+def rope_order(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows (dim 0) of a q or k projection, whole heads, in the order the RoPE fold stores them: per head, tile t of 16
+    rows holds features 8t..8t+7 and their RoPE partners head_dim/2 + 8t..: [head, half, t, 8] -> [head, t, half, 8]."""
+    return t.unflatten(0, (-1, 2, head_dim // 16, 8)).transpose(1, 2).flatten(0, 3)
+
+
+def rope_unorder(y: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of :func:`rope_order` on the last dimension of an output (features back in the heads' order)."""
+    return y.unflatten(-1, (-1, head_dim // 16, 2, 8)).transpose(-3, -2).flatten(-4)
+
+
+def qkv_rope(fused: "_Fused", x, cos, sin, k_cache, v_cache, position):
+    """One decode step's q, k, v from a stacked q+k+v GEMV stored for the RoPE fold (``fused.rope``), its RMSNorm
+    folded in (``put`` "norm"): returns q rotated [..., q_rows] and writes k rotated and v into the static cache
+    layers ``k_cache``, ``v_cache`` [1, Hkv, positions, head_dim] at ``position`` (a one-element int64 tensor on the
+    GPU) + token. What transformers' attention does with the three outputs, RoPE and ``cache.update``, in the one
+    kernel call (no bias)."""
+    head_dim, q_rows = fused.rope
+    lin = fused.linear
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+    part, eps = get(fused, "norm") or (None, 0.0)
+    op = torch.ops.quantscope.int4_qkv_rope if torch.compiler.is_compiling() else _int4_qkv_rope
+    q = op(x2, lin.words, lin.sz, *lin.config, part, float(eps), cos.reshape(-1, head_dim),
+           sin.reshape(-1, head_dim), k_cache, v_cache, position, q_rows, head_dim)
+    return q.reshape(*shape[:-1], q_rows)
+
+
 def _apply(x, words, sz, bias, config, norm=None, residual=None, next_w=None, act: bool = False):
     """``x @ W.T + b`` for W = (words, sz) in this kernel's layout, any leading dimensions of ``x``; ``norm``
     (partial sums, eps), ``residual``, ``next_w`` and ``act`` as in :func:`_mm` (no bias with ``residual`` or
@@ -759,9 +886,11 @@ class _Fused(torch.nn.Module):
     """One :class:`GemvInt4Linear` for several sibling projections (rows stacked): the first sibling's call
     computes all of them, the others take their slice of that result when called with the same input."""
 
-    def __init__(self, linear: GemvInt4Linear, sizes: list[int]):
+    def __init__(self, linear: GemvInt4Linear, sizes: list[int], rope: Optional[tuple[int, int]] = None):
         super().__init__()
         self.linear, self.sizes = linear, sizes
+        # (head_dim, q rows): q/k rows stored for the RoPE fold (rope_order; the first two siblings), else None
+        self.rope = rope
         self.norm = None  # (partial sums, eps) of an RMSNorm folded in: handed over per call (put/get "norm")
         self.stacked = None  # (input, every sibling's output) between the siblings' calls (put/get "stacked")
 
@@ -772,13 +901,18 @@ class _Fused(torch.nn.Module):
         # The stacked result goes from call to call through put/get, like the norm: two eager runs of one model
         # may run at once, and neither may take the other's rows.
         if i == 0 and not chunk_rows(x.numel() // x.shape[-1], x.shape[-1]):
-            put(self, "stacked", (x, self.linear(x, get(self, "norm")).split(self.sizes, dim=-1)))
+            y = self.linear(x, get(self, "norm"))
+            if self.rope:  # q and k rows back in the heads' order
+                qk = sum(self.sizes[:2])
+                y = torch.cat([rope_unorder(y[..., :qk], self.rope[0]), y[..., qk:]], dim=-1)
+            put(self, "stacked", (x, y.split(self.sizes, dim=-1)))
         stacked = get(self, "stacked")
         if stacked is None or stacked[0] is not x:  # a prompt, or called alone or out of order: this part's rows
             rows = slice(sum(self.sizes[:i]), sum(self.sizes[:i + 1]))
             lin = self.linear
-            return _apply(x, lin.words[rows], lin.sz[rows], None if lin.bias is None else lin.bias[rows], lin.config,
-                          get(self, "norm"))
+            y = _apply(x, lin.words[rows], lin.sz[rows], None if lin.bias is None else lin.bias[rows], lin.config,
+                       get(self, "norm"))
+            return rope_unorder(y, self.rope[0]) if self.rope and i < 2 else y
         if i == len(self.sizes) - 1:  # the last sibling: let go of the input and the stacked output
             put(self, "stacked", None)
         return stacked[1][i]
@@ -800,14 +934,22 @@ class _Part(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a fused GEMV"
 
 
-def fuse_codes(parent, names, sizes: list[int], parts) -> _Fused:
+def fuse_codes(parent, names, sizes: list[int], parts, rope_head_dim: Optional[int] = None) -> _Fused:
     """Replace the sibling projections ``names`` of ``parent`` (e.g. q/k/v) by one stacked GEMV: ``parts``
     yields each sibling's (codes [n_i, K], scales, zeros, bias or None), n_i = ``sizes[i]``, in order; each is
     packed straight into its rows of the stacked weights (allocated first, so no per-sibling copy is made and
-    freed between a loading model's weights). Each name then holds a :class:`_Part`; returns the group."""
+    freed between a loading model's weights). Each name then holds a :class:`_Part`; returns the group.
+    ``rope_head_dim``: q, k, v without biases whose q and k rows are stored for the RoPE fold (:func:`rope_order`,
+    :func:`qkv_rope`); the siblings' outputs stay in the heads' order."""
+    if rope_head_dim and (len(sizes) != 3 or sizes[1] != sizes[2] or any(n % rope_head_dim for n in sizes)
+                          or rope_head_dim % 16):
+        raise ValueError(f"the RoPE fold takes q, k, v of whole heads of a multiple of 16 features, not {sizes} "
+                         f"rows with heads of {rope_head_dim}")
     words = sz = None
     biases, r0 = [], 0
-    for size, (q, s, z, bias) in zip(sizes, parts):
+    for i, (size, (q, s, z, bias)) in enumerate(zip(sizes, parts)):
+        if rope_head_dim and i < 2:
+            q, s, z = (rope_order(t, rope_head_dim) for t in (q, s, z))
         k = int(q.shape[1])
         if words is None:
             words = torch.empty((sum(sizes), k // 8), dtype=torch.int32, device=q.device)
@@ -821,9 +963,12 @@ def fuse_codes(parent, names, sizes: list[int], parts) -> _Fused:
         raise ValueError("siblings must all have a bias or none")
     bias = None
     if biases[0] is not None:
+        if rope_head_dim:
+            raise ValueError("the RoPE fold takes q, k, v without biases")
         bias = torch.nn.Parameter(torch.cat([b.data for b in biases]), requires_grad=False)
     n = int(words.shape[0])
-    fused = _Fused(GemvInt4Linear(words, sz, k, bias, _config(n, k, words.device)), list(sizes))
+    fused = _Fused(GemvInt4Linear(words, sz, k, bias, _config(n, k, words.device)), list(sizes),
+                   (rope_head_dim, sizes[0]) if rope_head_dim else None)
     setattr(parent, "fused_" + "_".join(nm.split("_")[0] for nm in names), fused)
     for i, (nm, size) in enumerate(zip(names, sizes)):
         setattr(parent, nm, _Part(fused, i, k, size))

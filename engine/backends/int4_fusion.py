@@ -14,6 +14,12 @@ move into the GEMVs' epilogues (:mod:`engine.backends.int4_cuda`, ``mma_int4``),
 - gate/up's rows are stored interleaved 8 by 8 (a 16-row tile = 8 gate rows + the matching 8 up rows), so the
   kernel writes ``SiLU(gate) * up`` directly (rounded as the separate ops round).
 
+In the fast path's compiled one-token step, the attention goes through :func:`folded_attention`: RoPE of q and k
+and the writes of k and v into the static cache happen in the q+k+v GEMV's epilogue (one kernel per layer less:
+inductor's RoPE + cache-write kernel), then our attention kernel and o_proj. q and k rows are stored for it at
+load (``int4_cuda.rope_order``; their eager outputs are put back in the heads' order, so a prompt and the plain
+path see transformers' layout). ``QUANTSCOPE_ROPE_FOLD=0`` turns this off.
+
 The first layer's input (the embeddings) gets its weighted copy and sums from PyTorch's ops. A prompt (32 tokens
 or more) runs the same steps with PyTorch's ops around cuBLAS. What differs from the plain layer is rounding: the
 norm's output is not rounded to bf16 before the product (``x * weight`` is, once).
@@ -29,9 +35,10 @@ import os
 
 import torch
 
-from . import int4_cuda
+from . import decode_attention, int4_cuda
 
 LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+ATTENTIONS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
 NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 SILU = ("SiLU", "SiLUActivation")
@@ -39,6 +46,57 @@ SILU = ("SiLU", "SiLUActivation")
 
 def wanted() -> bool:
     return os.environ.get("QUANTSCOPE_INT4_FUSE", "1") != "0"
+
+
+def rope_head_dim(attn, sizes, biased: bool):
+    """The head dimension when ``attn``'s q/k/v (``sizes`` rows, with biases or not) are to be stored for the RoPE
+    fold (:func:`folded_attention`), else None. ``QUANTSCOPE_ROPE_FOLD=0`` turns the fold off (for comparisons)."""
+    if not wanted() or os.environ.get("QUANTSCOPE_ROPE_FOLD", "1") == "0" or biased:
+        return None
+    if type(attn).__name__ not in ATTENTIONS:
+        return None
+    hd, cfg = getattr(attn, "head_dim", None), getattr(attn, "config", None)
+    if hd not in decode_attention.HEAD_DIMS or getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+        return None
+    if getattr(cfg, "sliding_window", None) is not None or len(sizes) != 3 or sizes[1] != sizes[2] or \
+            any(n % hd for n in sizes):
+        return None
+    return hd
+
+
+def folded_attention(attn, xn, kwargs):
+    """A fused layer's attention for one token in the fast path's compiled step, with RoPE and the cache writes
+    inside the q+k+v GEMV (:func:`int4_cuda.qkv_rope`) and our attention kernel
+    (:mod:`engine.backends.decode_attention`) on the step's bucket of positions: the combined RoPE + cache-write
+    kernel inductor made per layer (1.4 µs plus a launch gap, H200) is gone. transformers' ``forward`` does the same
+    with separate kernels: q/k/v, RoPE, ``cache.update``, attention (``runners.gqa_attention``), o_proj. None (and
+    nothing done) where the fold does not apply: not one token, q/k/v not stored for it, no bucket of positions
+    (only the runner's compiled step passes one), not our attention kernel, not the runner's one-counter static
+    cache."""
+    fused = getattr(attn, "fused_q_k_v", None)
+    if fused is None or fused.rope is None or tuple(xn.shape[:2]) != (1, 1):
+        return None
+    counters = getattr(attn, decode_attention.COUNTERS, None)
+    bucket = kwargs.get("kv_bucket")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    rope = kwargs.get("position_embeddings")
+    if counters is None or bucket is None or cache is None or rope is None:
+        return None
+    layer = cache.layers[attn.layer_idx]
+    if not getattr(layer, "quantscope_one_counter", False) or not layer.is_initialized:
+        return None
+    n = bucket.shape[0]
+    mask = kwargs.get("attention_mask")
+    mask = None if mask is None else mask[..., :n]
+    if layer.keys.dtype != torch.bfloat16 or not decode_attention.usable_cache(layer.keys, layer.values, mask):
+        return None
+    head_dim, q_rows = fused.rope
+    q = int4_cuda.qkv_rope(fused, xn, rope[0], rope[1], layer.keys, layer.values, layer.cumulative_length)
+    key, value = layer.keys[:, :, :n], layer.values[:, :, :n]  # read after the write above
+    query = q.view(1, 1, q_rows // head_dim, head_dim).transpose(1, 2)
+    out = torch.ops.quantscope.decode_attention(query, key, value, mask, counters, float(attn.scaling),
+                                                attn.quantscope_attn_chunks)
+    return attn.o_proj(out.reshape(1, 1, q_rows))
 
 
 class GatedMLP(torch.nn.Module):
@@ -117,7 +175,9 @@ def _fused_forward(self, hidden_states, **kwargs):
         xn, part = int4_cuda.norm_input(hidden_states, ln1.weight)
     put(attn.fused_q_k_v, "norm", (part, float(ln1.variance_epsilon)))
     put(attn.o_proj, "pending", (hidden_states, ln2.weight))
-    hidden_states, _ = attn(xn, **kwargs)  # q/k/v normalize; o_proj adds the residual, prepares the next norm
+    # q/k/v normalize; o_proj adds the residual, prepares the next norm
+    folded = folded_attention(attn, xn, kwargs)
+    hidden_states = folded if folded is not None else attn(xn, **kwargs)[0]
     put(attn.fused_q_k_v, "norm", None)
     xn, part = take(attn.o_proj, "extra")
     nxt = self._next_fused

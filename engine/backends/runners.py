@@ -181,6 +181,8 @@ def _one_counter_layer():
     from transformers.cache_utils import StaticLayer
 
     class OneCounterLayer(StaticLayer):
+        quantscope_one_counter = True  # what int4_fusion.folded_attention asks (it writes at the shared counter)
+
         def lazy_initialization(self, key_states, value_states):
             shared = self.cumulative_length
             super().lazy_initialization(key_states, value_states)  # moves the counter to the layer's device
