@@ -717,6 +717,9 @@ def test_the_rope_fold_step_attends_and_fills_the_cache_as_transformers_layers_d
 
     class SdpaAttention:
         def attend(self, q, k, v, mask, counters, scale, chunks):
+            # the step's own key and value (the last position the mask lets in) are in the cache before it is read
+            last = int(mask.reshape(-1).nonzero().max())
+            assert k[0, :, last].abs().sum() > 0 and v[0, :, last].abs().sum() > 0, "read before the cache write"
             out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                                    scale=scale, enable_gqa=True)
             return out.transpose(1, 2).contiguous().to(q.dtype)
