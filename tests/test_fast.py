@@ -770,6 +770,24 @@ def test_the_rope_fold_step_attends_and_fills_the_cache_as_transformers_layers_d
         assert lg.keys[:, :, used:].eq(0).all() and lg.values[:, :, used:].eq(0).all()
 
 
+def test_a_killed_builds_lock_is_cleared_and_a_running_builds_is_kept(tmp_path):
+    """PyTorch's extension build holds a lock file in its folder; a build killed mid-way leaves it, and every later
+    build (the next load of a fast model) would wait on it forever. cuda_ext.build removes one older than a build
+    can take, and leaves a fresh one (another process building now) alone."""
+    import os
+    import time
+
+    from engine.backends import cuda_ext
+
+    lock = tmp_path / "lock"
+    assert not cuda_ext.clear_stale_lock(str(tmp_path))  # no lock
+    lock.write_text("")
+    assert not cuda_ext.clear_stale_lock(str(tmp_path)) and lock.exists()  # a build running now
+    old = time.time() - cuda_ext.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    assert cuda_ext.clear_stale_lock(str(tmp_path)) and not lock.exists()
+
+
 def test_rope_order_pairs_each_feature_with_its_partner_in_one_tile():
     from engine.backends import int4_cuda as ic
 

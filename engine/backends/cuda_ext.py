@@ -17,6 +17,26 @@ def build_dir(name: str) -> str:
     return d
 
 
+# A build takes about a minute; PyTorch's build lock (a file in the build folder) older than this was left by a
+# build that was killed (a timeout, a closed terminal), and every later build would wait on it forever.
+STALE_LOCK_S = 15 * 60
+
+
+def clear_stale_lock(directory: str, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove the build lock in ``directory`` when it is older than ``max_age_s`` (a killed build's); True if
+    removed."""
+    import time
+
+    lock = os.path.join(directory, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > max_age_s:
+            os.remove(lock)
+            return True
+    except OSError:  # no lock, or another process removed it first
+        pass
+    return False
+
+
 def _ninja_from_pip() -> bool:
     try:
         import ninja
@@ -40,6 +60,7 @@ def build(name: str, cpp: str, cuda: str, functions: list[str], what: str, ldfla
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         return f"{what} needs bf16 tensor cores (compute capability 8.0 or newer; this GPU has {major}.{minor})"
+    clear_stale_lock(build_dir(name))
     try:
         return cpp_extension.load_inline(
             name=name, cpp_sources=cpp, cuda_sources=cuda, functions=functions,
