@@ -15,7 +15,8 @@ fast: attention over the cache's used positions only, rounded up to :data:`BUCKE
 at its first step; one compilation serves them all) instead of all ``max_len``; one-token attention on the
 grouped key/value heads without a per-head copy of the cache (both in :func:`gqa_attention`); one position counter
 for all the cache's layers, advanced once per step (:func:`_one_counter_layer`); the greedy token computed in the
-graph (:func:`chunked_argmax`); inductor's combo kernels (independent small kernels in one launch); and pipelining
+graph (:func:`chunked_argmax`); inductor's combo kernels (independent small kernels in one launch); for
+``hqq4-fast``, RoPE and the cache writes inside the q+k+v GEMV (``int4_fusion.folded_attention``); and pipelining
 (:meth:`StaticRunner.send`/:meth:`StaticRunner.received`, used by ``decode_steps``): the steps that follow a token
 are launched before the host reads it, up to :data:`PIPELINE_DEPTH` tokens in flight, so the GPU does not wait
 while Python streams, nor while the compute thread runs another pane's prompt. Each CUDA runner
