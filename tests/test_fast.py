@@ -772,19 +772,32 @@ def test_the_rope_fold_step_attends_and_fills_the_cache_as_transformers_layers_d
 
 def test_a_killed_builds_lock_is_cleared_and_a_running_builds_is_kept(tmp_path):
     """PyTorch's extension build holds a lock file in its folder; a build killed mid-way leaves it, and every later
-    build (the next load of a fast model) would wait on it forever. cuda_ext.build removes one older than a build
-    can take, and leaves a fresh one (another process building now) alone."""
+    build (the next load of a fast model) would wait on it forever. cuda_ext.build removes one whose builder (host
+    and process id, recorded beside it) has exited, or one older than a build can take, and leaves a fresh one of
+    a live builder alone."""
     import os
     import time
 
     from engine.backends import cuda_ext
 
+    import socket
+    import subprocess
+    import sys
+
     lock = tmp_path / "lock"
     assert not cuda_ext.clear_stale_lock(str(tmp_path))  # no lock
     lock.write_text("")
-    assert not cuda_ext.clear_stale_lock(str(tmp_path)) and lock.exists()  # a build running now
+    assert not cuda_ext.clear_stale_lock(str(tmp_path)) and lock.exists()  # a build running now, builder unknown
+    cuda_ext._record_builder(str(tmp_path))  # this process: alive
+    assert not cuda_ext.clear_stale_lock(str(tmp_path)) and lock.exists()
     old = time.time() - cuda_ext.STALE_LOCK_S - 60
     os.utime(lock, (old, old))
+    assert cuda_ext.clear_stale_lock(str(tmp_path)) and not lock.exists()  # too old to be a build
+    # a fresh lock whose builder has exited (killed mid-build): removed at once
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text("")
+    (tmp_path / cuda_ext.BUILDER).write_text(f"{socket.gethostname()} {gone.pid}")
     assert cuda_ext.clear_stale_lock(str(tmp_path)) and not lock.exists()
 
 

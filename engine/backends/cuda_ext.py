@@ -17,24 +17,50 @@ def build_dir(name: str) -> str:
     return d
 
 
-# A build takes about a minute; PyTorch's build lock (a file in the build folder) older than this was left by a
-# build that was killed (a timeout, a closed terminal), and every later build would wait on it forever.
+# A build takes about a minute; PyTorch's build lock (a file in the build folder) left by a build that was killed (a
+# timeout, a closed terminal) would make every later build wait forever. The builder's host and process id are
+# written beside it (BUILDER); a lock whose builder is gone, or older than this, is removed before building.
 STALE_LOCK_S = 15 * 60
+BUILDER = "quantscope_builder"
+
+
+def _gone(directory: str) -> bool:
+    """Whether the process that last started a build in ``directory`` (this host's) has exited."""
+    import socket
+
+    try:
+        with open(os.path.join(directory, BUILDER)) as f:
+            host, pid = f.read().split()
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):  # no record, another host's, or not ours to signal: not known to be gone
+        return False
+    return False
 
 
 def clear_stale_lock(directory: str, max_age_s: float = STALE_LOCK_S) -> bool:
-    """Remove the build lock in ``directory`` when it is older than ``max_age_s`` (a killed build's); True if
+    """Remove the build lock in ``directory`` when its builder has exited or it is older than ``max_age_s``; True if
     removed."""
     import time
 
     lock = os.path.join(directory, "lock")
     try:
-        if time.time() - os.path.getmtime(lock) > max_age_s:
+        if _gone(directory) or time.time() - os.path.getmtime(lock) > max_age_s:
             os.remove(lock)
             return True
     except OSError:  # no lock, or another process removed it first
         pass
     return False
+
+
+def _record_builder(directory: str) -> None:
+    import socket
+
+    with open(os.path.join(directory, BUILDER), "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}")
 
 
 def _ninja_from_pip() -> bool:
@@ -61,6 +87,7 @@ def build(name: str, cpp: str, cuda: str, functions: list[str], what: str, ldfla
     if major < 8:
         return f"{what} needs bf16 tensor cores (compute capability 8.0 or newer; this GPU has {major}.{minor})"
     clear_stale_lock(build_dir(name))
+    _record_builder(build_dir(name))
     try:
         return cpp_extension.load_inline(
             name=name, cpp_sources=cpp, cuda_sources=cuda, functions=functions,
