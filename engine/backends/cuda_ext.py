@@ -59,8 +59,11 @@ def clear_stale_lock(directory: str, max_age_s: float = STALE_LOCK_S) -> bool:
 def _record_builder(directory: str) -> None:
     import socket
 
-    with open(os.path.join(directory, BUILDER), "w") as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}")
+    try:
+        with open(os.path.join(directory, BUILDER), "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}")
+    except OSError:  # a read-only cache: the age bound still applies
+        pass
 
 
 def _ninja_from_pip() -> bool:
