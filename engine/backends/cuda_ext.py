@@ -48,7 +48,7 @@ def clear_stale_lock(directory: str, max_age_s: float = STALE_LOCK_S) -> bool:
 
     lock = os.path.join(directory, "lock")
     try:
-        if _gone(directory) or time.time() - os.path.getmtime(lock) > max_age_s:
+        if time.time() - os.path.getmtime(lock) > max_age_s or _gone(directory):
             os.remove(lock)
             return True
     except OSError:  # no lock, or another process removed it first

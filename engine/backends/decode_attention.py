@@ -376,6 +376,13 @@ def _(q, k, v, mask, counters, scale, chunks):
     return q.new_empty((1, 1, q.shape[1], q.shape[3]))
 
 
+def attend_for(module, query, key, value, mask, scale: float):
+    """:func:`attend` (the op, as a compiled step calls it) with the counters and chunks :func:`prepare` gave
+    ``module``."""
+    return torch.ops.quantscope.decode_attention(query, key, value, mask, getattr(module, COUNTERS), float(scale),
+                                                 module.quantscope_attn_chunks)
+
+
 def usable(module, query, key, value, mask) -> bool:
     """Whether one decode step's attention can go to :func:`attend`: the module holds counters (given by
     :func:`prepare`), one query token of batch 1 in bf16, a boolean mask or none."""

@@ -169,8 +169,7 @@ def convert(model, device: str) -> Conversion:
             if len({int(x.meta["shape"][1]) for x in layers}) != 1 or len({x.bias is None for x in layers}) != 1:
                 continue
             sizes = [int(x.meta["shape"][0]) for x in layers]
-            rope = fusion.rope_head_dim(parent, sizes, layers[0].bias is not None) if fusion and len(names) == 3 \
-                else None
+            rope = fusion.rope_head_dim(parent, sizes, layers[0].bias is not None) if fusion else None
             ours.fuse_codes(parent, names, sizes, (codes(x) for x in layers), rope_head_dim=rope)
             roped += bool(rope)
             done, fused, kernels["ours"] = done + len(layers), fused + 1, kernels["ours"] + len(layers)

@@ -350,6 +350,16 @@ static void check(const torch::Tensor& t, at::ScalarType dtype, int64_t numel, c
               what, ": contiguous, ", numel, " elements of ", dtype);
 }
 
+// the RMSNorm fusion: norm_part [K / 16, M] fp32 partial sums of squares of the input (see mma_int4_body)
+static void add_norm(Fusions& f, const c10::optional<torch::Tensor>& norm_part, int K, int M) {
+  if (!norm_part.has_value()) return;
+  TORCH_CHECK(norm_part->dim() == 2 && norm_part->size(1) == M && norm_part->size(0) * 16 == K,
+              "norm_part: [K / 16, M]");
+  check(*norm_part, at::kFloat, (int64_t)K / 16 * M, "norm_part");
+  f.norm_part = norm_part->data_ptr<float>();
+  f.P = K / 16;
+}
+
 // x [M, K] @ W.T. chunk_rows > 0: rows of W are dequantized chunk_rows at a time into a bf16 buffer that a cuBLAS
 // matmul reads (tensor cores at full width; the buffer is small enough to stay in L2); 0: mma_int4 with launch
 // shape (ks, u) (the weights read once per 8 tokens).
@@ -389,13 +399,7 @@ std::vector<torch::Tensor> mm(torch::Tensor x, torch::Tensor w, torch::Tensor sz
     return {y};
   }
   Fusions f{nullptr, 0, (float)eps, nullptr, nullptr, nullptr, nullptr, act};
-  if (norm_part.has_value()) {
-    TORCH_CHECK(norm_part->dim() == 2 && norm_part->size(1) == M && norm_part->size(0) * 16 == K,
-                "norm_part: [K / 16, M]");
-    check(*norm_part, at::kFloat, (int64_t)K / 16 * M, "norm_part");
-    f.norm_part = norm_part->data_ptr<float>();
-    f.P = K / 16;
-  }
+  add_norm(f, norm_part, K, M);
   if (residual.has_value()) {
     check(*residual, at::kBFloat16, (int64_t)M * N, "residual");
     f.res = reinterpret_cast<const __nv_bfloat16*>(residual->data_ptr());
@@ -437,11 +441,7 @@ torch::Tensor mm_rope(torch::Tensor x, torch::Tensor w, torch::Tensor sz, int64_
   check(v_cache, at::kBFloat16, k_cache.numel(), "v_cache");
   check(pos, at::kLong, 1, "pos");
   Fusions f{nullptr, 0, (float)eps, nullptr, nullptr, nullptr, nullptr, false};
-  if (norm_part.has_value()) {
-    check(*norm_part, at::kFloat, (int64_t)K / 16 * M, "norm_part");
-    f.norm_part = norm_part->data_ptr<float>();
-    f.P = K / 16;
-  }
+  add_norm(f, norm_part, K, M);
   Rope rp{reinterpret_cast<const __nv_bfloat16*>(cos.data_ptr()),
           reinterpret_cast<const __nv_bfloat16*>(sin.data_ptr()),
           reinterpret_cast<__nv_bfloat16*>(k_cache.data_ptr()), reinterpret_cast<__nv_bfloat16*>(v_cache.data_ptr()),
@@ -656,6 +656,11 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     return gate.mul_(v[..., 1, :]).flatten(-2)
 
 
+def _aligned(x2: torch.Tensor) -> torch.Tensor:
+    """``x2``, copied when not 16-byte aligned (the kernels read the input 4 bytes at a time, cuBLAS prefers 16)."""
+    return x2.clone() if x2.data_ptr() % 16 else x2
+
+
 def _mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loads: int, norm_part=None,
         eps: float = 0.0, residual=None, next_w=None, act: bool = False):
     """``x2 @ W.T`` for x2 [M, K] bf16 contiguous: a few tokens -> ``mma_int4``, a long prompt -> cuBLAS on
@@ -664,8 +669,7 @@ def _mm(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warps: int, loa
     sums of squares (:func:`norm_input`), the product is normalized; ``residual`` [M, N]: added to the product,
     and with ``next_w`` the result's :func:`norm_input` for the norm with that weight is returned too:
     (y, y * next_w, squares); ``act``: SiLU(gate) * up of interleaved gate/up rows, [M, N / 2]."""
-    if x2.data_ptr() % 16:  # the kernel reads the input 4 bytes at a time, cuBLAS prefers 16
-        x2 = x2.clone()
+    x2 = _aligned(x2)
     rows = chunk_rows(x2.shape[0], x2.shape[1])
     if not rows:
         return mm(x2, words, sz, warps, loads, norm_part, eps, residual, next_w, act)
@@ -708,10 +712,8 @@ def _int4_qkv_rope(x2: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, warp
                    norm_part: Optional[torch.Tensor], eps: float, cos: torch.Tensor, sin: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, position: torch.Tensor, q_rows: int,
                    head_dim: int) -> torch.Tensor:
-    if x2.data_ptr() % 16:
-        x2 = x2.clone()
-    return _ext().mm_rope(x2, words, sz, warps, loads, norm_part, eps, cos.contiguous(), sin.contiguous(), k_cache,
-                          v_cache, position, q_rows, head_dim)
+    return _ext().mm_rope(_aligned(x2), words, sz, warps, loads, norm_part, eps, cos.contiguous(), sin.contiguous(),
+                          k_cache, v_cache, position, q_rows, head_dim)
 
 
 @_int4_qkv_rope.register_fake
@@ -901,21 +903,24 @@ class _Fused(torch.nn.Module):
         # The stacked result goes from call to call through put/get, like the norm: two eager runs of one model
         # may run at once, and neither may take the other's rows.
         if i == 0 and not chunk_rows(x.numel() // x.shape[-1], x.shape[-1]):
-            y = self.linear(x, get(self, "norm"))
-            if self.rope:  # q and k rows back in the heads' order
-                qk = sum(self.sizes[:2])
-                y = torch.cat([rope_unorder(y[..., :qk], self.rope[0]), y[..., qk:]], dim=-1)
-            put(self, "stacked", (x, y.split(self.sizes, dim=-1)))
+            parts = self.linear(x, get(self, "norm")).split(self.sizes, dim=-1)
+            put(self, "stacked", (x, tuple(self._in_heads_order(j, p) for j, p in enumerate(parts))))
         stacked = get(self, "stacked")
         if stacked is None or stacked[0] is not x:  # a prompt, or called alone or out of order: this part's rows
             rows = slice(sum(self.sizes[:i]), sum(self.sizes[:i + 1]))
             lin = self.linear
-            y = _apply(x, lin.words[rows], lin.sz[rows], None if lin.bias is None else lin.bias[rows], lin.config,
-                       get(self, "norm"))
-            return rope_unorder(y, self.rope[0]) if self.rope and i < 2 else y
+            return self._in_heads_order(i, _apply(x, lin.words[rows], lin.sz[rows],
+                                                  None if lin.bias is None else lin.bias[rows], lin.config,
+                                                  get(self, "norm")))
         if i == len(self.sizes) - 1:  # the last sibling: let go of the input and the stacked output
             put(self, "stacked", None)
         return stacked[1][i]
+
+
+    def _in_heads_order(self, i: int, y):
+        """Sibling ``i``'s output with its features in the heads' order (q and k rows stored for the RoPE fold are
+        not)."""
+        return rope_unorder(y, self.rope[0]) if self.rope and i < 2 else y
 
 
 class _Part(torch.nn.Module):

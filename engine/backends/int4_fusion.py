@@ -76,11 +76,10 @@ def folded_attention(attn, xn, kwargs):
     fused = getattr(attn, "fused_q_k_v", None)
     if fused is None or fused.rope is None or tuple(xn.shape[:2]) != (1, 1):
         return None
-    counters = getattr(attn, decode_attention.COUNTERS, None)
     bucket = kwargs.get("kv_bucket")
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     rope = kwargs.get("position_embeddings")
-    if counters is None or bucket is None or cache is None or rope is None:
+    if getattr(attn, decode_attention.COUNTERS, None) is None or bucket is None or cache is None or rope is None:
         return None
     layer = cache.layers[attn.layer_idx]
     if not getattr(layer, "quantscope_one_counter", False) or not layer.is_initialized:
@@ -94,9 +93,7 @@ def folded_attention(attn, xn, kwargs):
     q = int4_cuda.qkv_rope(fused, xn, rope[0], rope[1], layer.keys, layer.values, layer.cumulative_length)
     key, value = layer.keys[:, :, :n], layer.values[:, :, :n]  # read after the write above
     query = q.view(1, 1, q_rows // head_dim, head_dim).transpose(1, 2)
-    out = torch.ops.quantscope.decode_attention(query, key, value, mask, counters, float(attn.scaling),
-                                                attn.quantscope_attn_chunks)
-    return attn.o_proj(out.reshape(1, 1, q_rows))
+    return attn.o_proj(decode_attention.attend_for(attn, query, key, value, mask, attn.scaling).reshape(1, 1, q_rows))
 
 
 class GatedMLP(torch.nn.Module):

@@ -97,10 +97,7 @@ def gqa_attention(module, query, key, value, attention_mask, *args, **kwargs):
         scaling = kwargs.get("scaling", args[1] if len(args) > 1 else None)
         if plain and decode_attention.usable(module, query, key, value, attention_mask):
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            out = torch.ops.quantscope.decode_attention(query, key, value, attention_mask,
-                                                        getattr(module, decode_attention.COUNTERS), float(scale),
-                                                        module.quantscope_attn_chunks)
-            return out, None
+            return decode_attention.attend_for(module, query, key, value, attention_mask, scale), None
         if getattr(module, "num_key_value_groups", 1) > 1 and plain:
             out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                                    scale=scaling, enable_gqa=True)
