@@ -17,6 +17,52 @@ def build_dir(name: str) -> str:
     return d
 
 
+# Programmatic dependent launch (compute capability 9.0 on): a kernel launched with ``launch_pdl`` may be launched
+# while the kernel before it in the stream (or in a captured graph) is still running, so its launch and start overlap
+# that kernel's end. ``pdl_wait()`` holds its threads until that kernel has completed and its writes are visible:
+# nothing may be read or written before it. ``pdl_trigger()`` (after the wait, so at most two kernels overlap) lets
+# the next kernel be launched. QUANTSCOPE_PDL=0 launches as usual (the wait then returns at once). Pasted into a
+# kernel source after the torch/CUDA includes.
+PDL_SRC = r"""
+#include <cstdlib>
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+static bool pdl_on() {
+  static const bool on = [] {
+    const char* e = std::getenv("QUANTSCOPE_PDL");
+    if (e && e[0] == '0') return false;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+    return major >= 9;
+  }();
+  return on;
+}
+template <typename... Params, typename... Args>
+static void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_on() ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+"""
+
+
 # A build takes about a minute; PyTorch's build lock (a file in the build folder) left by a build that was killed (a
 # timeout, a closed terminal) would make every later build wait forever. The builder's host and process id are
 # written beside it (BUILDER); a lock whose builder is gone, or older than this, is removed before building.

@@ -35,7 +35,7 @@ _SRC = r"""
 #include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
-
+""" + cuda_ext.PDL_SRC + r"""
 #define MAX_CHUNKS 64
 
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
@@ -76,6 +76,8 @@ __global__ void __launch_bounds__(128) decode_attn(
     ms[threadIdx.x] = -INFINITY;
     ls[threadIdx.x] = 0.f;
   }
+  pdl_wait();  // q and this step's key and value come from the kernel before
+  pdl_trigger();
   float qf[G][8], acc[G][8];
 #pragma unroll
   for (int h = 0; h < G; ++h) {
@@ -274,7 +276,7 @@ static void launch(const torch::Tensor& q, const torch::Tensor& k, const torch::
                    torch::Tensor& out, torch::Tensor& part, torch::Tensor& counters, int n, int chunks, int per,
                    float scale_log2) {
   dim3 grid(chunks, k.size(1));
-  decode_attn<D, G><<<grid, 128, 0, at::cuda::getCurrentCUDAStream()>>>(
+  launch_pdl(decode_attn<D, G>, grid, dim3(128),
       reinterpret_cast<const __nv_bfloat16*>(q.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(k.data_ptr()),
       reinterpret_cast<const __nv_bfloat16*>(v.data_ptr()), mask, reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
       chunks > 1 ? part.data_ptr<float>() : nullptr, counters.data_ptr<int>(), n, k.stride(1), v.stride(1), per,

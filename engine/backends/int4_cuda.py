@@ -62,7 +62,7 @@ _SRC = r"""
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
-
+""" + cuda_ext.PDL_SRC + r"""
 // 16 bytes of weights read once: not kept in L1
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
   uint4 v;
@@ -122,6 +122,8 @@ __device__ __forceinline__ void mma_int4_body(const __nv_bfloat16* __restrict__ 
   const uint32_t* xr = reinterpret_cast<const uint32_t*>(x + (size_t)min(m0 + g, M - 1) * K) + t;
   const uint4* wp = W + (size_t)tile * G * 32 + lane;
   const uint2* sp = SZ + (size_t)tile * G * 8 + g;
+  pdl_wait();  // x and the norm's partial sums come from the kernel before (PDL)
+  pdl_trigger();
   // NORM: the first token's partial sums of squares are loaded before the weights, spread over the warps (warp w,
   // lane l: slices 32 (q KS + w) + l; a few registers: holding 8 per lane slowed an 8B's gate+up by 3 µs, summing
   // them after the loop from shared memory by 4 µs); each warp reduces its share after the loop
@@ -317,10 +319,10 @@ static void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::
                    int M, int N, int K, const Fusions& f, const Rope& rp) {
   dim3 grid(N / 16, (M + 7) / 8);
   auto kernel = f.norm_part ? mma_int4_norm<KS, U> : mma_int4<KS, U>;
-  kernel<<<grid, 32 * KS, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), reinterpret_cast<const uint4*>(w.data_ptr()),
-      reinterpret_cast<const uint2*>(sz.data_ptr()), reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), M, N, K,
-      f.norm_part, f.P, f.eps, f.res, f.next_w, f.xn, f.part_out, f.act, rp);
+  launch_pdl(kernel, grid, dim3(32 * KS), reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()),
+      reinterpret_cast<const uint4*>(w.data_ptr()), reinterpret_cast<const uint2*>(sz.data_ptr()),
+      reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), M, N, K, f.norm_part, f.P, f.eps, f.res, f.next_w, f.xn,
+      f.part_out, f.act, rp);
 }
 
 static void dispatch(int64_t ks, int64_t u, const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& sz,
