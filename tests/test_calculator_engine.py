@@ -287,6 +287,29 @@ def test_calibrated_runtime_terms_for_int8_and_hqq():
     assert long.activations_bytes == estimate(m, nf4, rt(8192)).activations_bytes  # activations dominate
 
 
+def test_int8_says_when_its_figure_is_the_outlier_bound_and_what_few_outliers_need():
+    """LLM.int8's short-context term bounds its outlier decomposition, which depends on the inputs (random 7-8B
+    models cross the threshold in ~40% of columns, a random 1B in none: docs/benchmarks.md). Where the bound sets
+    the figure, a note gives what a model with a handful of outlier columns needs: the MLP term alone."""
+    from engine.formats import parse_method
+    from engine.memory import GiB, HIDDEN_ROWS, INT8_OUT_BYTES, estimate
+    from engine.sources import resolve
+    from engine.specs import RuntimeSpec
+
+    m = resolve("meta-llama/Llama-3.2-1B-Instruct")  # hidden 2048, intermediate 8192
+    H, I, logits = 2048, 8192, 128256 * (2 + 4)
+    rt = lambda c: RuntimeSpec(context=c, batch=1, device="cuda")  # noqa: E731
+    short = estimate(m, parse_method("int8"), rt(64))
+    few = 64 * (HIDDEN_ROWS * H * 2 + I * (2 + INT8_OUT_BYTES + 2 + 2) + H) + logits
+    assert few < short.activations_bytes
+    [note] = [n for n in short.notes if n.startswith("LLM.int8")]
+    assert f"activations then ~{few / GiB:.2f} GiB" in note
+    assert f"the total {(short.activations_bytes - few) / GiB:.2f} GiB lower" in note
+    # where the MLP term is the peak (long contexts), and for other formats, no such note
+    assert not [n for n in estimate(m, parse_method("int8"), rt(8192)).notes if n.startswith("LLM.int8")]
+    assert not [n for n in estimate(m, parse_method("nf4"), rt(64)).notes if n.startswith("LLM.int8")]
+
+
 def test_fast_hqq4_prompt_term_is_the_dequant_buffer_on_cuda_and_nothing_on_cpu():
     """hqq4-fast multiplies a prompt on CUDA by cuBLAS on weights dequantized in row chunks (one buffer of
     FAST_INT4_DEQUANT_BYTES, the chunk size int4_cuda uses), each projection on its own (the plain path's 3I MLP
