@@ -941,6 +941,13 @@ class _Part(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, part {self.index} of a fused GEMV"
 
 
+def rope_fits(sizes: list[int], head_dim: int) -> bool:
+    """Whether q, k, v of ``sizes`` rows can be stored for the RoPE fold: whole heads of ``head_dim`` features, a
+    multiple of 16, as many k rows as v rows."""
+    return (len(sizes) == 3 and sizes[1] == sizes[2] and not any(n % head_dim for n in sizes)
+            and head_dim % 16 == 0)
+
+
 def fuse_codes(parent, names, sizes: list[int], parts, rope_head_dim: Optional[int] = None) -> _Fused:
     """Replace the sibling projections ``names`` of ``parent`` (e.g. q/k/v) by one stacked GEMV: ``parts``
     yields each sibling's (codes [n_i, K], scales, zeros, bias or None), n_i = ``sizes[i]``, in order; each is
@@ -948,8 +955,7 @@ def fuse_codes(parent, names, sizes: list[int], parts, rope_head_dim: Optional[i
     freed between a loading model's weights). Each name then holds a :class:`_Part`; returns the group.
     ``rope_head_dim``: q, k, v without biases whose q and k rows are stored for the RoPE fold (:func:`rope_order`,
     :func:`qkv_rope`); the siblings' outputs stay in the heads' order."""
-    if rope_head_dim and (len(sizes) != 3 or sizes[1] != sizes[2] or any(n % rope_head_dim for n in sizes)
-                          or rope_head_dim % 16):
+    if rope_head_dim and not rope_fits(sizes, rope_head_dim):
         raise ValueError(f"the RoPE fold takes q, k, v of whole heads of a multiple of 16 features, not {sizes} "
                          f"rows with heads of {rope_head_dim}")
     words = sz = None

@@ -58,8 +58,7 @@ def rope_head_dim(attn, sizes, biased: bool):
     hd, cfg = getattr(attn, "head_dim", None), getattr(attn, "config", None)
     if hd not in decode_attention.HEAD_DIMS or getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
         return None
-    if getattr(cfg, "sliding_window", None) is not None or len(sizes) != 3 or sizes[1] != sizes[2] or \
-            any(n % hd for n in sizes):
+    if getattr(cfg, "sliding_window", None) is not None or not int4_cuda.rope_fits(sizes, hd):
         return None
     return hd
 
