@@ -20,12 +20,16 @@ the embedded model's tokenizer files copied in. Each format is loaded once throu
   in the same run.
 
 Writes JSON lines to ``$OUT/gpu_validate.jsonl`` (or ./artifacts/). One failing format does not lose the others.
-``python bench/gpu_validate.py --report FILE.jsonl [--chart FILE.html]`` (no GPU needed) prints the markdown
-tables of docs/benchmarks.md and writes a plotly chart of predicted vs measured peak memory.
+``python bench/gpu_validate.py --report FILE.jsonl [MORE.jsonl ...] [--chart FILE.html]`` (no GPU needed) prints
+the markdown tables of docs/benchmarks.md and writes a plotly chart of predicted vs measured peak memory.
+
+LLM.int8 rows also record, per context, the outlier columns the prompt had in each layer kind
+(``engine.backends.int8_outliers``) and tell the calculator that share (``RuntimeSpec.int8_outlier_share``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -75,6 +79,7 @@ def context_row(loaded, spec, quant, ctx: int, weights_alloc: int) -> dict:
 
     from gpu_engine_check import nvml_process_bytes
     from engine.backends import backend_of
+    from engine.backends.int8_outliers import outlier_columns, worst
     from engine.memory import estimate
 
     gc.collect()
@@ -85,7 +90,7 @@ def context_row(loaded, spec, quant, ctx: int, weights_alloc: int) -> dict:
         _drop_runner(loaded)  # what a run holds is measured from the weights alone (the runner is part of it)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    with torch.inference_mode():
+    with torch.inference_mode(), outlier_columns(loaded.model) as outliers:
         if fast:
             _fast_run(loaded, ids, 16)
         else:
@@ -96,6 +101,10 @@ def context_row(loaded, spec, quant, ctx: int, weights_alloc: int) -> dict:
     nv = nvml_process_bytes()
     reserved = torch.cuda.memory_reserved()  # what NVML sees of PyTorch's allocator: in use or cached
     runtime = backend_of(loaded).runtime_spec(loaded, ctx + 16)
+    outliers = outliers.get(ctx, {})  # the prefill's calls (the prompt is ctx tokens)
+    share = None if (w := worst(outliers)) is None else w[1]
+    if share is not None:  # LLM.int8: the calculator is told the share of outlier columns this prompt had
+        runtime = dataclasses.replace(runtime, int8_outlier_share=share)
     est = estimate(spec, quant, runtime)
     pred_peak = est.total_bytes - est.overhead_bytes
     del ids
@@ -103,7 +112,9 @@ def context_row(loaded, spec, quant, ctx: int, weights_alloc: int) -> dict:
                 nvml_process=nv, reserved=reserved, predicted_total=est.total_bytes,
                 nvml_err=None if not nv else (est.total_bytes - nv) / nv, kv_predicted=est.kv_cache_bytes,
                 kv_context=runtime.context, activations_predicted=est.activations_bytes,
-                overhead_predicted=est.overhead_bytes)
+                overhead_predicted=est.overhead_bytes, **({"int8_outliers": outliers, "int8_outlier_share": share}
+                                                          if share is not None else {}))
+
 
 
 def _drop_runner(loaded) -> None:
@@ -227,7 +238,9 @@ def repredict(r: dict) -> dict:
     spec, quant = resolve(r["preset"]), parse_load_method(name)
     for c in r["contexts"]:
         # kv_context: the positions the run's cache held (a fast run's static cache; older files: the context)
-        est = estimate(spec, quant, RuntimeSpec(context=c.get("kv_context", c["context"]), batch=1, device="cuda"))
+        # int8_outlier_share: LLM.int8's outlier columns as the run's prompt had them (older files: the bound, 1.0)
+        est = estimate(spec, quant, RuntimeSpec(context=c.get("kv_context", c["context"]), batch=1, device="cuda",
+                                                int8_outlier_share=c.get("int8_outlier_share", 1.0)))
         c["peak_predicted"] = est.total_bytes - est.overhead_bytes
         c["peak_err"] = (c["peak_predicted"] - c["peak_allocated"]) / c["peak_allocated"]
         c["predicted_total"] = est.total_bytes
@@ -236,8 +249,15 @@ def repredict(r: dict) -> dict:
     return r
 
 
-def report(jsonl: Path, chart: Path | None) -> int:
-    rows = [json.loads(x) for x in jsonl.read_text().splitlines() if x.strip()]
+def report(files: list[Path], chart: Path | None) -> int:
+    # a (model, format) measured in a later file replaces the same one from an earlier file
+    latest: dict = {}
+    for jsonl in files:
+        for x in jsonl.read_text().splitlines():
+            if x.strip():
+                r = json.loads(x)
+                latest[(r["preset"], r["format"])] = r
+    rows = list(latest.values())
     ok = [repredict(r) for r in rows if "error" not in r]
     device = ok[0]["device"] if ok else "?"
     print(f"Device: {device}; copy bandwidth {ok[0]['bandwidth'] / 1e12:.2f} TB/s\n" if ok else "")
@@ -277,7 +297,8 @@ def report(jsonl: Path, chart: Path | None) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--report", type=Path, help="print the tables of a results file (no GPU needed) and exit")
+    ap.add_argument("--report", type=Path, nargs="+", help="print the tables of results files (no GPU needed) and "
+                    "exit; a (model, format) in a later file replaces the same one in an earlier file")
     ap.add_argument("--chart", type=Path, help="with --report: write a plotly chart (HTML) here")
     ap.add_argument("--tokenizer", type=Path)
     ap.add_argument("--models", default=DEFAULT_MODELS)
@@ -288,8 +309,9 @@ def main() -> int:
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep the random checkpoints for another run")
     a = ap.parse_args()
     if a.report:
-        if not a.report.is_file():
-            ap.error(f"--report {a.report}: no such file (a .jsonl written by a run, e.g. under bench/results/)")
+        for f in a.report:
+            if not f.is_file():
+                ap.error(f"--report {f}: no such file (a .jsonl written by a run, e.g. under bench/results/)")
         return report(a.report, a.chart)
     if a.tokenizer is None:
         ap.error("--tokenizer is required for a run")
@@ -320,6 +342,8 @@ def main() -> int:
             except Exception as e:  # noqa: BLE001 - one format failing must not lose the others
                 r = dict(preset=preset, format=fmt, error=f"{e.__class__.__name__}: {e}"[:400])
             r["wall_s"] = round(time.perf_counter() - t0, 1)
+            # the allocator this run had (the engine sets expandable_segments unless the environment chose)
+            r["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default").split(":")[0]
             with out.open("a") as f:
                 f.write(json.dumps(r, default=str) + "\n")
             rows.append(r)

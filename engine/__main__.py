@@ -23,7 +23,8 @@ def _estimate(args) -> int:
     sel = Selection(model=args.model, method=args.method, group_size=args.group_size, double_quant=args.double_quant,
                     context=args.context, batch=args.batch, kv_dtype=args.kv_dtype, mode=args.mode,
                     hardware=args.hardware, lora_rank=args.lora_rank, optimizer=args.optimizer,
-                    gradient_checkpointing=not args.no_gradient_checkpointing, overhead_mib=args.overhead_mib)
+                    gradient_checkpointing=not args.no_gradient_checkpointing, overhead_mib=args.overhead_mib,
+                    int8_outlier_pct=args.int8_outlier_pct)
     r = build(sel, compare=False)
     e = r.estimate
     if args.json:
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "sgd"])
     e.add_argument("--no-gradient-checkpointing", action="store_true")
     e.add_argument("--overhead-mib", type=float, default=None, help="fixed runtime overhead (default per device)")
+    e.add_argument("--int8-outlier-pct", type=float, default=100,
+                   help="LLM.int8: %% of a layer's input columns holding a value >= 6.0 (default 100, the bound)")
     e.add_argument("--json", action="store_true", help="print one JSON object (integer bytes)")
     e.set_defaults(func=_estimate)
     from . import cli_generate  # generate, embedded-path

@@ -65,6 +65,10 @@ def _generate(args) -> int:
              + (f", {fmt_bytes(metrics.predicted_weights_bytes, 'MiB', 1)} predicted" if metrics.predicted_weights_bytes else ""),
              f"peak {fmt_bytes(metrics.peak_bytes, 'MiB', 1) if metrics.peak_bytes else 'n/a'} ({metrics.peak_kind})"
              + (f", {fmt_bytes(metrics.predicted_bytes, 'MiB', 1)} predicted" if metrics.predicted_bytes else "")]
+    if metrics.int8_outliers is not None:
+        kind, share = metrics.int8_outliers
+        lines.append(f"LLM.int8 outlier columns in this prompt: {share:.0%} of {kind}'s inputs "
+                     "(the prediction uses it)")
     print("\n".join(lines), file=sys.stderr)
     return 0
 

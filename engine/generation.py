@@ -17,10 +17,14 @@
 * ``predicted_bytes`` -- :func:`engine.memory.estimate` for the same model, format, device and the
   context the run ended with (llama.cpp: the ``n_ctx`` it allocated up front, f16 KV cache), with its
   weights term as ``predicted_weights_bytes``. On CUDA ``cuda_max_allocated`` excludes the CUDA context,
-  so compare it with ``predicted_bytes - predicted_overhead_bytes``.
+  so compare it with ``predicted_bytes - predicted_overhead_bytes``. For LLM.int8 the prediction uses the share
+  of outlier columns the prompt's prefill had (``int8_outliers``: the layer kind where they cost the most and
+  that share, counted by :mod:`engine.backends.int8_outliers`).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -29,6 +33,7 @@ from typing import Iterator, Optional, Union
 
 from .backends import backend_of
 from .backends.base import GenerationSettings, LoadedModel, Prompt, TokenEvent
+from .backends.int8_outliers import outlier_columns, worst
 from .errors import QuantScopeError
 from .monitor import mark
 
@@ -55,6 +60,9 @@ class RunMetrics:
     predicted_weights_bytes: Optional[int]
     predicted_overhead_bytes: Optional[int]
     decode_path: str = ""  # plain / fast: ... (engine.backends.runners); empty where the backend has one path
+    # LLM.int8: (layer kind, share of its input columns above the outlier threshold) in the prompt's prefill, the
+    # share the prediction used (engine.backends.int8_outliers); None for other formats
+    int8_outliers: Optional[tuple[str, float]] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,14 +198,18 @@ class PeakMemory:
 # ---------------------------------------------------------------------------------------------
 # Runs
 # ---------------------------------------------------------------------------------------------
-def predict(loaded: LoadedModel, context_tokens: int):
-    """The calculator's estimate for this loaded model at ``context_tokens`` (None if its shape is unknown)."""
+def predict(loaded: LoadedModel, context_tokens: int, int8_outlier_share: Optional[float] = None):
+    """The calculator's estimate for this loaded model at ``context_tokens`` (None if its shape is unknown), with
+    LLM.int8's outlier share where it was measured."""
     if loaded.spec is None:
         return None
     from .memory import estimate
 
     try:
-        return estimate(loaded.spec, loaded.quant, backend_of(loaded).runtime_spec(loaded, context_tokens))
+        runtime = backend_of(loaded).runtime_spec(loaded, context_tokens)
+        if int8_outlier_share is not None:
+            runtime = dataclasses.replace(runtime, int8_outlier_share=int8_outlier_share)
+        return estimate(loaded.spec, loaded.quant, runtime)
     except QuantScopeError:
         return None
 
@@ -213,7 +225,8 @@ def run(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = Gene
     parts: list[str] = []
     times: list[float] = []
     label = f"{loaded.method} on {loaded.device}"
-    with PeakMemory(loaded.device, loaded.backend) as peak:
+    count = outlier_columns(loaded.model) if loaded.quant.method == "int8" else contextlib.nullcontext({})
+    with PeakMemory(loaded.device, loaded.backend) as peak, count as outliers:
         t0 = time.perf_counter()
         stream = backend.stream(loaded, prompt, settings, cancel_event)
         mark("generate_start", label)
@@ -231,7 +244,9 @@ def run(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = Gene
     ttft = times[0] - t0 if n else None
     decode_s = times[-1] - times[0] if n >= 2 else None
     tps = (n - 1) / decode_s if decode_s else None
-    est = predict(loaded, stream.prompt_tokens + n)
+    # this run's prefill (a run of the same model beside it, with a prompt of another length, is not counted)
+    int8 = worst(outliers.get(stream.prompt_tokens, {}))
+    est = predict(loaded, stream.prompt_tokens + n, None if int8 is None else int8[1])
     yield RunMetrics(
         backend=loaded.backend, method=loaded.method, device=loaded.device, text="".join(parts), tokens=n,
         prompt_tokens=stream.prompt_tokens, finish_reason=stream.finish_reason or "length",
@@ -242,5 +257,5 @@ def run(loaded: LoadedModel, prompt: Prompt, settings: GenerationSettings = Gene
         predicted_bytes=None if est is None else est.total_bytes,
         predicted_weights_bytes=None if est is None else est.weights_bytes,
         predicted_overhead_bytes=None if est is None else est.overhead_bytes,
-        decode_path=stream.decode_path,
+        decode_path=stream.decode_path, int8_outliers=int8,
     )

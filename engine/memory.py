@@ -44,6 +44,12 @@ INT8_OUT_BYTES = 4  # LLM.int8's int32 matmul result, per output feature per tok
 # after attention and its normed copy entering the MLP. Seen in the allocator's memory history at the peak of an
 # 8B prefill (H200, bench/results/gpu_peak_snapshot_bf16_8b_h200_2026-11-26e.log: 4 x 64 MiB at 8,192 tokens).
 HIDDEN_ROWS = 4
+# LLM.int8's outlier decomposition (bitsandbytes int8_mixed_scaled_mm) per outlier column and output feature: the
+# int8 weight column gathered (1) and dequantized through two fp32 temporaries (4 + 4), all alive at once
+# (bench/results/gpu_peak_snapshot_int8_8b_h200_2026-11-26e.log: 45 MiB + 2 x 180 MiB for 11,520 columns of the 8B's
+# down projection)
+INT8_OUTLIER_BYTES_PER_WEIGHT = 9
+LLM_INT8_THRESHOLD = 6.0  # bitsandbytes' default, which transformers' BitsAndBytesConfig keeps
 HQQ_DEQUANT_BYTES_PER_WEIGHT = 5  # unpacked uint8 codes (1) + a compute-dtype temporary and result (2 + 2)
 # hqq4-fast on CUDA multiplies a prompt on weights dequantized this many bytes of rows at a time (the bf16 buffer
 # engine.backends.int4_cuda reads with cuBLAS; the one definition of that chunk size)
@@ -90,7 +96,7 @@ def kv_cache_bytes(model: ModelSpec, context: int, batch: int, kv_dtype: str, q:
 
 
 def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, training: TrainingSpec,
-                     device: str = "cuda", int8_outliers: bool = True) -> int:
+                     device: str = "cuda", int8_outlier_share: float = 1.0) -> int:
     """Estimated activation memory (an estimate from the shapes, not a measurement).
 
     Inference: the transient peak of prefilling ``context`` tokens with SDPA attention (no s^2 score
@@ -101,9 +107,8 @@ def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, t
     (``generate`` computes logits for the last token only); plus one dequantized weight for
     bitsandbytes/HQQ, which materialise a 16-bit copy of the layer they multiply during prefill -- except
     HQQ's fast path (``q.fast``), which on CUDA dequantizes :data:`FAST_INT4_DEQUANT_BYTES` of rows at a time and
-    on ``device`` cpu none (PyTorch's int4 kernel reads the codes). LLM.int8 (``int8``): with ``int8_outliers`` False,
-    without the bound of its outlier decomposition (what a model whose inputs cross the threshold in only a handful
-    of columns needs; see the comment below).
+    on ``device`` cpu none (PyTorch's int4 kernel reads the codes). LLM.int8 (``int8``): with
+    ``int8_outlier_share`` (0..1) of each layer's input columns above its outlier threshold (see the comment below).
 
     Training: what backward keeps. Per layer (Korthikanti et al. 2022 counted for a SwiGLU block):
     inputs of both norms, their outputs, q/k/v, attention output and the four MLP intermediates, in 16-bit:
@@ -135,17 +140,23 @@ def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, t
             # LLM.int8 (bitsandbytes) per linear: the input quantised to int8 (1 byte per input feature), an int8 x
             # int8 matmul into an int32 result (INT8_OUT_BYTES per output feature), rescaled into fp16 (2) and cast
             # to the compute dtype (cb). At long contexts the peak is the MLP's second projection with the first's
-            # activated output alive (I x cb). At short ones it is the outlier decomposition: input columns above
-            # the threshold (6.0) multiply a dequantised slice of the weight (fp32, then the compute dtype), at
-            # most the whole largest weight -- what random-weight models reach (their hidden states exceed the
-            # threshold in most columns); trained ones have a handful of outlier columns, so this bound is
-            # conservative for them. Both read off the allocator's memory history at the peak of an 8B prefill
+            # activated output alive (I x cb). Before that matmul comes the outlier decomposition: the input columns
+            # holding a value >= LLM_INT8_THRESHOLD are multiplied in 16-bit by their weight columns, gathered and
+            # dequantised (INT8_OUTLIER_BYTES_PER_WEIGHT), beside the layer's input (cb), its int8 copy (1) and the
+            # outlier columns of the input (cb). How many columns that is depends on the activations, not the
+            # shapes: ``int8_outlier_share`` of every layer's inputs (1.0, every column, is the bound). Both moments
+            # read off the allocator's history at the peak of an 8B prefill
             # (H200, bench/results/gpu_peak_snapshot_int8_8b_h200_2026-11-26e.log).
             widest = max(layers, key=lambda t: t.shape[-2], default=None)
             out_f, in_f = (widest.shape[-2], widest.shape[-1]) if widest is not None else (0, 0)
             mlp8 = hidden + bs * (out_f * (cb + INT8_OUT_BYTES + 2 + cb) + in_f)
-            outliers = hidden + largest * (4 + cb)
-            return max(act, mlp8, outliers if int8_outliers else 0) + logits
+            outliers = 0
+            for t in layers:
+                out_t, in_t = t.shape[-2], t.shape[-1]
+                n = math.ceil(int8_outlier_share * in_t)  # estimate() checked 0 <= share <= 1
+                decomposition = n * (bs * cb + out_t * INT8_OUTLIER_BYTES_PER_WEIGHT)
+                outliers = max(outliers, hidden + bs * in_t * (cb + 1) + decomposition)
+            return max(act, mlp8, outliers) + logits
         if q.method == "hqq":
             # HQQ dequantises a layer before its matmul: the packed codes unpacked to one byte per weight, then
             # (W - zero) * scale in the compute dtype (a temporary and the result). At short contexts these
@@ -228,7 +239,11 @@ def estimate(model: ModelSpec, quant: QuantSpec, runtime: RuntimeSpec = RuntimeS
 
     w_bytes, by_role, quantized = weights_bytes(quant, model)
     kv = kv_cache_bytes(model, context, batch, runtime.kv_dtype, quant) if mode == "inference" else 0
-    act = activation_bytes(model, quant, context, batch, training, runtime.device)
+    share = runtime.int8_outlier_share
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise InputError(f"LLM.int8's outlier share must be a number from 0 to 1 (0% to 100% of a layer's input "
+                         f"columns), got {share!r}.")
+    act = activation_bytes(model, quant, context, batch, training, runtime.device, share)
     overhead = runtime.overhead_bytes if runtime.overhead_bytes is not None else OVERHEAD_BYTES[runtime.device]
     grads = opt = trainable = 0
     if mode == "full":
@@ -255,16 +270,17 @@ def estimate(model: ModelSpec, quant: QuantSpec, runtime: RuntimeSpec = RuntimeS
         grads = trainable * 4
         opt = math.ceil(trainable * _optimizer_bytes_per_param(training.optimizer, 4))
     if mode == "inference" and quant.method == "int8":
-        few = activation_bytes(model, quant, context, batch, training, runtime.device, int8_outliers=False)
-        if few < act:
+        none = activation_bytes(model, quant, context, batch, training, runtime.device, 0.0)
+        if none < act:
             notes.append(
-                f"LLM.int8 at {context:,} tokens: the activations above are the bound of its outlier decomposition "
-                "(input columns above the threshold are multiplied in 16-bit by a dequantised copy of their weight "
-                "columns, fp32 then the compute dtype: at most the whole largest weight). How many columns cross the "
-                "threshold depends on the inputs, not the shapes: a trained model's handful costs next to nothing "
-                f"(activations then ~{few / GiB:.2f} GiB, the total {(act - few) / GiB:.2f} GiB lower). On an H200 "
-                "at 512 tokens, random-weight 7-8B models crossed it in ~40% of columns (their peaks within 1.5% of "
-                "this estimate), a random 1B in none (its peak 3.7% under it).")
+                f"LLM.int8 at {context:,} tokens: its outlier decomposition sets the activations, with "
+                f"{share:.0%} of a layer's input columns holding a value of {LLM_INT8_THRESHOLD} or more (those "
+                "columns are multiplied in 16-bit by a dequantised copy of their weight columns). That share depends "
+                "on the model and the prompt, not on the shapes: 100% is the bound; with none the total would be "
+                f"{(act - none) / GiB:.2f} GiB lower. Measured: the trained SmolLM2-135M had 2 such columns in its "
+                "attention and gate/up inputs but 21-54% in its MLP down projection's (128-2,048 tokens of text); "
+                "random-weight 7-8B models 60-81% at 512 tokens and all from 4,096, a random 1B 3% at 512. Set the "
+                "share under 'Training, overhead and LLM.int8'; Side by side shows what an int8 run's prompt had.")
     if model.approximate:
         notes.append(model.note or "Approximate: the shape is not known exactly.")
     return MemoryEstimate(

@@ -34,6 +34,8 @@ class Selection:
     optimizer: str = "adamw"
     gradient_checkpointing: bool = True
     overhead_mib: int | None = None
+    # LLM.int8: % of a layer's input columns above its outlier threshold (RuntimeSpec.int8_outlier_share x 100)
+    int8_outlier_pct: float = 100
 
 
 @dataclass
@@ -59,8 +61,12 @@ def build(sel: Selection, compare: bool = True) -> Report:
                 or sel.overhead_mib < 0 or sel.overhead_mib > 2**30):
             raise InputError("Overhead must be a finite number of MiB, 0 or more.")
         overhead = int(sel.overhead_mib * 2**20)
+    pct = sel.int8_outlier_pct
+    if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 0 <= pct <= 100:
+        raise InputError(f"LLM.int8 outlier columns must be a percentage from 0 to 100, got {pct!r}. 100 is the "
+                         "bound (every column); a run of an int8 model in Side by side shows what its prompt had.")
     runtime = RuntimeSpec(context=sel.context, batch=sel.batch, kv_dtype=sel.kv_dtype, device=device_of(hw),
-                          overhead_bytes=overhead)
+                          overhead_bytes=overhead, int8_outlier_share=pct / 100)
     training = TrainingSpec(mode=sel.mode, optimizer=sel.optimizer, lora_rank=sel.lora_rank,
                             gradient_checkpointing=sel.gradient_checkpointing)
     est = estimate(model, quant, runtime, training)

@@ -133,6 +133,10 @@ class RuntimeSpec:
     kv_dtype: str = "auto"  # auto (= the model's 16-bit dtype) | fp32 | fp16 | bf16 | fp8 | q8_0 | q4_0
     device: str = "cuda"  # cuda | cpu | mps
     overhead_bytes: Optional[int] = None  # None -> the documented default of the device
+    # LLM.int8 only: the share (0..1) of a layer's input columns holding a value at or above its outlier threshold
+    # (6.0), in the layer where that costs the most -- a property of the model and the prompt, not of the shapes.
+    # 1.0 = every column: the upper bound (engine.memory.activation_bytes).
+    int8_outlier_share: float = 1.0
 
 
 @dataclass(frozen=True)

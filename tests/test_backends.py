@@ -118,6 +118,55 @@ def test_load_generate_and_weights_match_calculator(models, method):
         assert lm.quantize_s is None  # bitsandbytes quantizes inside from_pretrained
 
 
+def test_int8_counts_its_outlier_columns_per_layer_and_predicts_with_them(models):
+    """LLM.int8 on the trained SmolLM2-135M (real bitsandbytes on CPU): a prompt's attention and gate/up inputs
+    cross the 6.0 threshold in a handful of columns, the MLP down projection's in a large share (what the
+    calculator's note says, measured 21-54% for 128-2,048 tokens of text); a run reports that share and its
+    prediction uses it, so it lies below the bound's (every column)."""
+    import dataclasses
+
+    import torch
+
+    from engine.backends.int8_outliers import outlier_columns, worst
+
+    lm = models("int8")
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :256]
+    with torch.inference_mode(), outlier_columns(lm.model) as found:
+        lm.model(ids)
+    calls = found[256]
+    assert set(calls) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for kind in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        assert calls[kind]["columns"] <= 8, (kind, calls[kind])  # a handful of the 576
+    kind, share = worst(calls)
+    assert kind == "down_proj" and calls[kind]["in"] == 1536 and 0.1 < share < 0.9, calls
+    # the hooks are gone afterwards
+    with torch.inference_mode():
+        lm.model(ids[:, :8])
+    assert set(found) == {256}
+    # ... and from the first one-token call (a decode step) on, while open
+    hooked = lambda: sum(len(mod._forward_hooks) for mod in lm.model.modules())  # noqa: E731
+    before = hooked()
+    with torch.inference_mode(), outlier_columns(lm.model) as found:
+        assert hooked() == before + 7 * 30  # 7 LLM.int8 projections in each of the 30 layers
+        lm.model(ids[:, :16])
+        lm.model(ids[:, 16:17])
+        assert hooked() == before
+        lm.model(ids[:, :32])
+    assert set(found) == {16}
+
+    _, m, _ = collect(lm, QUESTION, GenerationSettings(max_new_tokens=3))
+    kind, share = m.int8_outliers
+    assert kind == "down_proj" and 0 < share < 1
+    bound = estimate(lm.spec, lm.quant, backend_of(lm).runtime_spec(lm, m.prompt_tokens + m.tokens))
+    told = estimate(lm.spec, lm.quant, dataclasses.replace(backend_of(lm).runtime_spec(lm, m.prompt_tokens + m.tokens),
+                                                           int8_outlier_share=share))
+    assert m.predicted_bytes == told.total_bytes < bound.total_bytes
+    # other formats report none
+    _, m16, _ = collect(models("bf16"), QUESTION, GenerationSettings(max_new_tokens=2))
+    assert m16.int8_outliers is None
+
+
 def test_bf16_greedy_answer_names_paris(models):
     lm = models("bf16")
     events, m, _ = collect(lm, QUESTION, GenerationSettings(max_new_tokens=24))

@@ -89,7 +89,8 @@ def test_estimate_endpoint_has_defaults_for_every_parameter(client):
     params = info["named_endpoints"]["/estimate"]["parameters"]
     names = [p["parameter_name"] for p in params]
     assert names == ["model", "method", "group_size", "double_quant", "context", "batch", "kv_dtype", "mode",
-                     "hardware", "lora_rank", "optimizer", "gradient_checkpointing", "overhead_mib"]
+                     "hardware", "lora_rank", "optimizer", "gradient_checkpointing", "overhead_mib",
+                     "int8_outlier_pct"]
     assert all(p["parameter_has_default"] for p in params), [p["parameter_name"] for p in params
                                                              if not p["parameter_has_default"]]
 
@@ -173,6 +174,8 @@ SELECTIONS = [
     Selection(model="HuggingFaceTB/SmolLM2-360M-Instruct", method="bf16", mode="full", optimizer="sgd",
               gradient_checkpointing=False, context=1024, hardware="nvidia-t4", overhead_mib=300),
     Selection(model="7B", method="q8_0", hardware="rtx-4090"),
+    Selection(model="meta-llama/Llama-3.2-1B-Instruct", method="int8", context=512, int8_outlier_pct=37.5,
+              hardware="nvidia-t4"),
 ]
 
 
@@ -232,6 +235,9 @@ BAD_INPUTS = [
     (dict(overhead_mib="nan"), "Overhead must be a finite number of MiB"),
     (dict(overhead_mib="inf"), "Overhead must be a finite number of MiB"),
     (dict(overhead_mib="lots"), "Overhead must be a finite number of MiB"),
+    (dict(method="int8", int8_outlier_pct=150), "LLM.int8 outlier columns must be a percentage from 0 to 100, got 150"),
+    (dict(method="int8", int8_outlier_pct="nan"), "LLM.int8 outlier columns must be a percentage from 0 to 100"),
+    (dict(int8_outlier_pct="some"), "LLM.int8 outlier columns must be a percentage from 0 to 100, got 'some'"),
 ]
 
 
@@ -387,3 +393,12 @@ def test_browser_pick_model_and_format_and_open_a_link(app_url, browser_page, ar
     assert page.get_by_label("Context (tokens)").input_value() == "32768"
     page.wait_for_timeout(500)
     page.screenshot(path=str(artifacts_dir / "calculator_url.png"), full_page=True)
+
+    # LLM.int8's outlier columns, from a link: the estimate uses the share and the explanation says so
+    page.goto(app_url + "?model=meta-llama/Llama-3.2-1B-Instruct&method=int8&context=512&int8_outlier_pct=40",
+              wait_until="domcontentloaded")
+    r = build(Selection(model="meta-llama/Llama-3.2-1B-Instruct", method="int8", context=512, int8_outlier_pct=40))
+    bound = build(Selection(model="meta-llama/Llama-3.2-1B-Instruct", method="int8", context=512))
+    assert r.estimate.total_bytes < bound.estimate.total_bytes
+    expect(verdict).to_contain_text(f"{r.estimate.total_bytes / GiB:.2f} GiB", timeout=60_000)
+    expect(page.locator("#calc-explain")).to_contain_text("with 40% of a layer's input columns")

@@ -80,6 +80,30 @@ def test_identical_panes_give_full_agreement_and_zero_kl(client):
     assert b["reference"]["mean_kl"] < 1e-6
 
 
+def test_an_int8_pane_shows_its_prompts_outlier_columns_and_predicts_with_them(client):
+    """LLM.int8 (real bitsandbytes on CPU): the pane says what share of its widest layer's input columns crossed
+    the outlier threshold in this prompt -- the calculator's setting -- and its prediction used that share."""
+    from engine.formats import parse_method
+    from engine.memory import estimate
+    from engine.sources import resolve
+    from engine.specs import RuntimeSpec
+
+    outs = stream(client, pane_b="int8", max_new_tokens=4, prompt="What is the capital of France?")
+    r = result(outs)
+    a, b = r["panes"]
+    assert b["status"] == "done", b
+    kind, share = b["metrics"]["int8_outliers"]
+    assert kind == "down_proj" and 0 < share < 1
+    assert a["metrics"]["int8_outliers"] is None
+    header = outs[-1][2]
+    assert f"LLM.int8 outlier columns in this prompt: **{share:.0%}** of down_proj's inputs" in header
+    # predicted with this share, which is less than the bound (every column)
+    ctx = b["metrics"]["prompt_tokens"] + b["metrics"]["tokens"]
+    told, bound = (estimate(resolve("embedded"), parse_method("int8"),
+                            RuntimeSpec(context=ctx, device="cpu", int8_outlier_share=s)).total_bytes for s in (share, 1))
+    assert b["metrics"]["predicted_bytes"] == told < bound
+
+
 @pytest.mark.parametrize("kw,words", [
     (dict(prompt=""), "prompt is empty"),
     (dict(prompt="x" * 5000), "limit here is 4,000"),

@@ -33,7 +33,8 @@ def selection_from(values: dict) -> Selection:
 def estimate(model: str = D.model, method: str = D.method, group_size: float = 0, double_quant: bool = D.double_quant,
              context: float = D.context, batch: float = D.batch, kv_dtype: str = D.kv_dtype, mode: str = D.mode,
              hardware: str = D.hardware, lora_rank: float = D.lora_rank, optimizer: str = D.optimizer,
-             gradient_checkpointing: bool = D.gradient_checkpointing, overhead_mib: float = -1):
+             gradient_checkpointing: bool = D.gradient_checkpointing, overhead_mib: float = -1,
+             int8_outlier_pct: float = D.int8_outlier_pct):
     """The tab's main event (api_name="estimate"): verdict, chart, worked formula, shareable JSON.
 
     Bad input never raises: the verdict box says what was wrong and what to do.
@@ -58,7 +59,8 @@ def estimate(model: str = D.model, method: str = D.method, group_size: float = 0
     sel = Selection(model=model, method=method, group_size=num(group_size) or None, double_quant=bool(double_quant),
                     context=num(context), batch=num(batch), kv_dtype=kv_dtype, mode=mode, hardware=hardware,
                     lora_rank=num(lora_rank), optimizer=optimizer, gradient_checkpointing=bool(gradient_checkpointing),
-                    overhead_mib=None if default_overhead else overhead_mib)
+                    overhead_mib=None if default_overhead else overhead_mib,
+                    int8_outlier_pct=D.int8_outlier_pct if int8_outlier_pct is None else num(int8_outlier_pct))
     share = json.dumps(asdict(sel))
     try:
         host_policy().check_model(sel.model)
@@ -87,7 +89,7 @@ def load_shared(share_json: str):
         sel = selection_from(json.loads(share_json or "{}"))
     except (json.JSONDecodeError, TypeError, AttributeError):
         gr.Warning("That is not a selection JSON (copy it from the box above).")
-        return [gr.update()] * 13
+        return [gr.update()] * 14
     return _values(sel)
 
 
@@ -100,10 +102,11 @@ def from_url(request: gr.Request):
             raw = q[f.name]
             if f.name in ("double_quant", "gradient_checkpointing"):
                 vals[f.name] = raw.lower() in ("1", "true", "yes")
-            elif f.name in ("context", "batch", "group_size", "lora_rank", "overhead_mib"):
+            elif f.name in ("context", "batch", "group_size", "lora_rank", "overhead_mib", "int8_outlier_pct"):
                 try:
-                    vals[f.name] = int(float(raw))
-                except ValueError:
+                    v = float(raw)
+                    vals[f.name] = v if f.name == "int8_outlier_pct" and v != int(v) else int(v)
+                except (ValueError, OverflowError):
                     continue
             else:
                 vals[f.name] = raw
@@ -118,7 +121,7 @@ def from_url(request: gr.Request):
 def _values(s: Selection):
     return [s.model, s.method, s.group_size or 0, s.double_quant, s.context, s.batch, s.kv_dtype, s.mode,
             s.hardware, s.lora_rank, s.optimizer, s.gradient_checkpointing,
-            -1 if s.overhead_mib is None else s.overhead_mib]
+            -1 if s.overhead_mib is None else s.overhead_mib, s.int8_outlier_pct]
 
 
 def build_tab(services=None) -> None:
@@ -143,11 +146,15 @@ def build_tab(services=None) -> None:
             kv_dtype = gr.Dropdown(KV_CHOICES, value=D.kv_dtype, label="KV-cache dtype")
             mode = gr.Radio(["inference", "lora", "qlora", "full"], value=D.mode, label="Mode")
             hardware = gr.Dropdown(hardware_choices(), value=D.hardware, label="Hardware")
-            with gr.Accordion("Training and overhead", open=False):
+            with gr.Accordion("Training, overhead and LLM.int8", open=False):
                 lora_rank = gr.Number(D.lora_rank, label="LoRA rank", step=1)
                 optimizer = gr.Dropdown(["adamw", "adamw8bit", "sgd"], value=D.optimizer, label="Optimizer")
                 grad_ckpt = gr.Checkbox(D.gradient_checkpointing, label="Gradient checkpointing")
                 overhead = gr.Number(-1, label="Runtime overhead MiB (-1 = device default)")
+                int8_outliers = gr.Number(D.int8_outlier_pct, label="LLM.int8 outlier columns % (100 = the bound)",
+                                          info="int8 only: the share of a layer's input columns holding a value of "
+                                               "6.0 or more; it depends on the prompt. Side by side shows what an "
+                                               "int8 run's prompt had.")
         with gr.Column(scale=2):
             verdict = gr.Markdown(elem_id="calc-verdict")
             chart = gr.Plot(show_label=False, elem_id="calc-chart")
@@ -158,7 +165,7 @@ def build_tab(services=None) -> None:
         gr.Markdown("The page also reads its URL: `?model=Qwen/Qwen2.5-7B-Instruct&method=q4_k_m&context=8192`.")
         load = gr.Button("Load", size="sm")
     inputs = [model, method, group_size, double_quant, context, batch, kv_dtype, mode, hardware, lora_rank,
-              optimizer, grad_ckpt, overhead]
+              optimizer, grad_ckpt, overhead, int8_outliers]
     outputs = [verdict, chart, explanation, share]
     gr.on([i.change for i in inputs], estimate, inputs, outputs, api_name="estimate", trigger_mode="always_last",
           concurrency_limit=None)

@@ -85,6 +85,10 @@ def pane_header(p: PaneState) -> str:
         lines.append(f"weights {_mib(m.weights_bytes)} (calculator: {pred_w})")
         lines.append(f"peak {_mib(m.peak_bytes)} ({PEAK_KIND.get(m.peak_kind, m.peak_kind)}) · "
                      f"this model predicted {_mib(m.predicted_bytes)}")
+        if m.int8_outliers is not None:
+            kind, share = m.int8_outliers
+            lines.append(f"LLM.int8 outlier columns in this prompt: **{share:.0%}** of {html.escape(kind)}'s inputs "
+                         "(the calculator's outlier share; predicted with it)")
     elif p.pieces:
         lines.append(f"{len(p.token_ids)} tokens so far")
     if p.agreement is not None and p.index > 0:
