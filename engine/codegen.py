@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 from .errors import InputError
+from .memory import LLM_INT8_THRESHOLD
 
 METHODS = ("bf16", "fp16", "bnb4", "bnb8", "gptq", "awq", "hqq", "gguf", "qlora", "lora")
 LABELS = {"bf16": "16-bit (bf16, no quantization)", "fp16": "16-bit (fp16, no quantization)",
@@ -45,7 +46,7 @@ class ConfigChoice:
     quant_storage: str = "uint8"
     skip_modules: tuple = ()
     # bitsandbytes 8-bit
-    threshold: float = 6.0
+    threshold: float = LLM_INT8_THRESHOLD
     cpu_offload: bool = False
     # GPTQ / AWQ / HQQ
     bits: int = 4
