@@ -102,7 +102,7 @@ def context_row(loaded, spec, quant, ctx: int, weights_alloc: int) -> dict:
     reserved = torch.cuda.memory_reserved()  # what NVML sees of PyTorch's allocator: in use or cached
     runtime = backend_of(loaded).runtime_spec(loaded, ctx + 16)
     outliers = outliers.get(ctx, {})  # the prefill's calls (the prompt is ctx tokens)
-    share = None if (w := worst(outliers)) is None else w[1]
+    share = worst(outliers)[1] if outliers else None
     if share is not None:  # LLM.int8: the calculator is told the share of outlier columns this prompt had
         runtime = dataclasses.replace(runtime, int8_outlier_share=share)
     est = estimate(spec, quant, runtime)
@@ -114,7 +114,6 @@ def context_row(loaded, spec, quant, ctx: int, weights_alloc: int) -> dict:
                 kv_context=runtime.context, activations_predicted=est.activations_bytes,
                 overhead_predicted=est.overhead_bytes, **({"int8_outliers": outliers, "int8_outlier_share": share}
                                                           if share is not None else {}))
-
 
 
 def _drop_runner(loaded) -> None:

@@ -151,8 +151,7 @@ def activation_bytes(model: ModelSpec, q: QuantSpec, context: int, batch: int, t
             out_f, in_f = (widest.shape[-2], widest.shape[-1]) if widest is not None else (0, 0)
             mlp8 = hidden + bs * (out_f * (cb + INT8_OUT_BYTES + 2 + cb) + in_f)
             outliers = 0
-            for t in layers:
-                out_t, in_t = t.shape[-2], t.shape[-1]
+            for out_t, in_t in {(t.shape[-2], t.shape[-1]) for t in layers}:  # each shape once, not each layer's
                 n = math.ceil(int8_outlier_share * in_t)  # estimate() checked 0 <= share <= 1
                 decomposition = n * (bs * cb + out_t * INT8_OUTLIER_BYTES_PER_WEIGHT)
                 outliers = max(outliers, hidden + bs * in_t * (cb + 1) + decomposition)

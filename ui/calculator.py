@@ -89,7 +89,7 @@ def load_shared(share_json: str):
         sel = selection_from(json.loads(share_json or "{}"))
     except (json.JSONDecodeError, TypeError, AttributeError):
         gr.Warning("That is not a selection JSON (copy it from the box above).")
-        return [gr.update()] * 14
+        return [gr.update()] * len(fields(Selection))  # one per input, in _values' order
     return _values(sel)
 
 

@@ -918,7 +918,6 @@ class _Fused(torch.nn.Module):
             put(self, "stacked", None)
         return stacked[1][i]
 
-
     def _in_heads_order(self, i: int, y):
         """Sibling ``i``'s output with its features in the heads' order (q and k rows stored for the RoPE fold are
         not)."""
